@@ -1,0 +1,125 @@
+"""Evaluate a recipe's full-precision model: class accuracy, FID against held-out digits, latency, FLOPs.
+
+    python -m qcache.evaluate RECIPE [--n N] [--json PATH] [--samples PATH]
+
+Library use: ``evaluate_sampler(sampler, n)`` measures any sampler (full precision, cached, quantized) the same
+way, so that later stages report comparable numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import lru_cache
+
+import torch
+
+from . import __version__
+from .classifier import classify
+from .cli import run_cli, write_json
+from .digits import load_split
+from .flops import count_flops
+from .metrics import fid_from_features
+from .models import load_model
+from .recipe import EvalConfig, Recipe, load_recipe, recipe_to_dict
+from .sampling import Sampler, SampleSet
+
+
+@lru_cache(maxsize=1)
+def reference_features() -> torch.Tensor:
+    """Classifier features of the held-out real digits (the FID reference)."""
+    images, _ = load_split("test")
+    return classify(images)[1]
+
+
+def quality_metrics(samples: SampleSet) -> dict[str, float]:
+    """Class accuracy of the samples and their FID against held-out real digits."""
+    preds, feats = classify(samples.images)
+    return {
+        "class_accuracy": float((preds == samples.labels).float().mean()),
+        "fid_data": fid_from_features(feats, reference_features()),
+    }
+
+
+def time_sampling(sampler: Sampler, n: int, repeats: int, seed: int = 0) -> float:
+    """Median wall time (s) of sampling n images, over ``repeats`` runs after one untimed warm-up step."""
+    sampler.sample(min(n, 2), seed=seed, progress=False)  # warm-up: allocator, kernels, lazy inits
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sampler.sample(n, seed=seed, progress=False)
+        if sampler.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def flops_per_image(sampler: Sampler, seed: int = 0) -> int:
+    """FLOPs of generating one image with every step of the loop (CFG doubles the model batch)."""
+    return count_flops(lambda: sampler.sample(1, seed=seed, progress=False))
+
+
+def evaluate_sampler(sampler: Sampler, n: int, eval_cfg: EvalConfig, progress: bool = True,
+                     desc: str = "sampling") -> tuple[dict, SampleSet]:
+    """Sample n images and measure them; returns (metrics, samples)."""
+    samples = sampler.sample(n, progress=progress, desc=desc)
+    metrics = quality_metrics(samples)
+    metrics["latency_s"] = time_sampling(sampler, min(eval_cfg.latency_samples, n), eval_cfg.latency_repeats)
+    metrics["latency_samples"] = min(eval_cfg.latency_samples, n)
+    metrics["flops_per_image"] = flops_per_image(sampler)
+    return metrics, samples
+
+
+def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True) -> tuple[dict, SampleSet]:
+    """Evaluate the full-precision model of ``recipe``; returns (report dict, samples)."""
+    n = recipe.eval.n if n is None else n
+    loaded = load_model(recipe.model)
+    sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling)
+    metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress)
+    report = {
+        "qcache_version": __version__,
+        "model_source": recipe.model.source,
+        "device": str(loaded.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "n": n,
+        "steps": recipe.sampling.steps,
+        "nfc": recipe.sampling.steps,
+        "scheduler": recipe.sampling.scheduler,
+        "guidance_scale": recipe.sampling.guidance_scale,
+        "seed": recipe.sampling.seed,
+        **metrics,
+        "recipe": recipe_to_dict(recipe),
+    }
+    return report, samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m qcache.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", help="path to a YAML recipe")
+    ap.add_argument("--n", type=int, default=None, help="number of samples (default: the recipe's eval.n)")
+    ap.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    ap.add_argument("--samples", default=None, help="also save the samples to this .safetensors file")
+    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = ap.parse_args()
+    if args.n is not None and args.n < 2:
+        from .errors import QcacheError
+
+        raise QcacheError(f"--n: must be >= 2 (FID needs two samples), got {args.n}")
+    recipe = load_recipe(args.recipe)
+    report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress)
+    keys = ("class_accuracy", "fid_data", "latency_s", "flops_per_image")
+    print("  ".join(f"{k}={report[k]:.4g}" for k in keys))
+    if args.samples:
+        from safetensors.torch import save
+
+        from .cli import atomic_write_bytes
+
+        atomic_write_bytes(args.samples, save({"images": samples.images.contiguous(), "labels": samples.labels}))
+    if args.json:
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,217 @@
+"""Recipes: a YAML file validated into typed, frozen config dataclasses.
+
+Every section is a dataclass; a field's range and choices live in its ``metadata`` and one generic validator
+walks them, so a bad value is reported as ``key.path: problem, got value`` whatever the section. Sections that a
+later stage of qcache will fill are rejected as "not supported yet" instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import QcacheError
+
+
+class RecipeError(QcacheError):
+    """A recipe that does not validate; the message starts with the key path at fault."""
+
+
+def _f(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+       lt: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with a range check the validator enforces."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, doc=doc).items() if v not in (None, "")}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which transformer to load, where to run it, and in what dtype."""
+
+    source: str = "builtin:digits"  # builtin:NAME, a local diffusers directory, or a hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The denoising loop: scheduler, number of steps, classifier-free guidance, seed, batch size."""
+
+    scheduler: Literal["ddim", "ddpm", "dpmsolver++"] = "ddim"
+    steps: int = _f(50, ge=1, le=1000)
+    guidance_scale: float = _f(1.5, ge=1.0, le=50.0)  # 1.0 disables CFG
+    seed: int = _f(0, ge=0)
+    batch_size: int = _f(500, ge=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How the evaluator measures: number of samples, latency repeats, FLOP counting."""
+
+    n: int = _f(500, ge=1)
+    latency_repeats: int = _f(3, ge=1, le=100)
+    latency_samples: int = _f(500, ge=1)  # images per timed sampling run
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results and artifacts go."""
+
+    dir: str = "runs/digits"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe. ``model`` is required; the other sections have defaults."""
+
+    model: ModelConfig
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Sections a recipe may name that a later stage of qcache implements; until then they are refused.
+UNSUPPORTED_SECTIONS: dict[str, str] = {
+    "calibration": "calibration",
+    "quant": "quantization",
+    "cache": "feature caching",
+    "vc": "variance compensation",
+}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(path: str, tp: Any, value: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(path, inner[0], value, meta)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise RecipeError(f"{path}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: must be a list, got {value!r}")
+        return tuple(_check_value(f"{path}[{i}]", item_tp, v, meta) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{path}: must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{path}: must be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str) or not value:
+            raise RecipeError(f"{path}: must be a non-empty string, got {value!r}")
+    elif tp is Any:
+        return value
+    if isinstance(value, (int, float)):
+        for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            if key in meta and not ok(value, meta[key]):
+                raise RecipeError(f"{path}: must be {word} {meta[key]}, got {value!r}")
+    return value
+
+
+def build_section(cls: type, data: Any, path: str) -> Any:
+    """Validate a mapping into dataclass ``cls``; ``path`` is the key path used in error messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise RecipeError(f"{path}.{key}: unknown key (known: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _check_value(f"{path}.{name}", hints[name], data[name], dict(f.metadata))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{path}.{name}: required key is missing")
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+def recipe_from_dict(data: Any) -> Recipe:
+    """Validate an already-parsed recipe mapping."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: must be a mapping of sections, got {data!r}")
+    for key in data:
+        if key in UNSUPPORTED_SECTIONS:
+            raise RecipeError(f"{key}: {UNSUPPORTED_SECTIONS[key]} is not supported yet in this version of qcache")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    for key in data:
+        if key not in fields:
+            raise RecipeError(f"{key}: unknown section (known: {', '.join(sorted(fields | set(UNSUPPORTED_SECTIONS)))})")
+    if "model" not in data:
+        raise RecipeError("model: required section is missing")
+    values = {}
+    hints = typing.get_type_hints(Recipe)
+    for key, value in data.items():
+        values[key] = build_section(hints[key], value, key)
+    recipe = Recipe(**values)
+    _check_cross_fields(recipe)
+    return recipe
+
+
+def _check_cross_fields(recipe: Recipe) -> None:
+    dev = recipe.model.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise RecipeError(f"model.device: must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe: file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"recipe: invalid YAML in {p}{where}: {problem}") from None
+    return recipe_from_dict(data)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The fully resolved recipe as plain data (lists, not tuples), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(recipe))

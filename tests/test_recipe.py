@@ -1,0 +1,84 @@
+"""Recipe validation: every error path gives one line naming the key path and the bad value, exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qcache.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
+from tests.conftest import REPO, run_module
+
+GOOD = {"model": {"source": "builtin:digits"}, "sampling": {"steps": 10}}
+
+
+def test_default_recipe_loads_with_expected_values():
+    r = load_recipe(REPO / "recipes" / "digits.yaml")
+    assert r.model.source == "builtin:digits"
+    assert r.sampling.steps == 50 and r.sampling.scheduler == "ddim"
+    assert r.sampling.guidance_scale == 1.5
+    assert recipe_to_dict(r)["sampling"]["steps"] == 50
+
+
+def test_defaults_fill_missing_sections():
+    r = recipe_from_dict({"model": {}})
+    assert r.model.source == "builtin:digits" and r.sampling.steps == 50 and r.eval.n == 500
+
+
+def test_int_accepted_for_float_field():
+    assert recipe_from_dict({"model": {}, "sampling": {"guidance_scale": 2}}).sampling.guidance_scale == 2.0
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {}, "sampling": {"steps": 0}}, "sampling.steps: must be >= 1, got 0"),
+        ({"model": {}, "sampling": {"steps": "ten"}}, "sampling.steps: must be an integer, got 'ten'"),
+        ({"model": {}, "sampling": {"steps": 2.5}}, "sampling.steps: must be an integer, got 2.5"),
+        ({"model": {}, "sampling": {"steps": True}}, "sampling.steps: must be an integer, got True"),
+        ({"model": {}, "sampling": {"guidance_scale": 0.5}}, "sampling.guidance_scale: must be >= 1.0, got 0.5"),
+        ({"model": {}, "sampling": {"scheduler": "euler"}}, "sampling.scheduler: must be one of 'ddim', 'ddpm', 'dpmsolver++', got 'euler'"),
+        ({"model": {}, "sampling": {"stepz": 3}}, "sampling.stepz: unknown key"),
+        ({"model": {}, "sampling": [1, 2]}, "sampling: must be a mapping, got [1, 2]"),
+        ({"model": {"source": ""}}, "model.source: must be a non-empty string, got ''"),
+        ({"model": {"dtype": "int8"}}, "model.dtype: must be one of"),
+        ({"model": {"device": "tpu"}}, "model.device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ({"model": {}, "eval": {"n": -1}}, "eval.n: must be >= 1, got -1"),
+        ({"model": {}, "banana": {}}, "banana: unknown section"),
+        ({"sampling": {}}, "model: required section is missing"),
+        ([1, 2], "recipe: must be a mapping of sections"),
+    ],
+)
+def test_bad_values_name_key_and_value(data, message):
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(data)
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("section", ["vc"])
+def test_unimplemented_sections_are_refused(section):
+    with pytest.raises(RecipeError, match=f"^{section}: .* not supported yet"):
+        recipe_from_dict({"model": {}, section: {}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(RecipeError, match="recipe: file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  source: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"recipe: invalid YAML in .*bad.yaml at line \d+"):
+        load_recipe(bad)
+
+
+def test_cli_reports_one_line_exit_2_and_writes_nothing(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {}, "sampling": {"steps": 0}}))
+    out = tmp_path / "out.json"
+    p = run_module("qcache.evaluate", str(recipe), "--json", str(out))
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: sampling.steps: must be >= 1, got 0"
+    assert "Traceback" not in p.stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [recipe]
