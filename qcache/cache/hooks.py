@@ -46,7 +46,7 @@ class _ModuleState:
             self.forecaster.update(step, out)
 
     def forecast(self, step: int, inp: torch.Tensor) -> torch.Tensor:
-        if not self.forecaster.diffs:
+        if self.forecaster.value is None:
             raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
         if self.rfe is not None:
             return self.rfe.predict(step, inp)
