@@ -287,3 +287,17 @@ def test_attach_before_or_after_quantization_gives_the_same_result():
     s.hooks.remove(cache)
     cache.remove()
     assert torch.equal(s.sample(4, progress=False).images, uncached)
+
+
+def test_error_diagnostics_leave_the_result_unchanged():
+    s = make_sampler(steps=8)
+    cfg = CacheConfig(policy="taylorseer", interval=3)
+    plain, _ = run(s, cfg)
+    cache = attach_cache(s.transformer, cfg)
+    cache.record_errors()
+    s.hooks.append(cache)
+    diag = s.sample(4, progress=False).images
+    assert torch.equal(diag, plain)
+    cached = [i for i, f in enumerate(cache.stats.generations[0].mask) if not f]
+    assert sorted(cache.errors["transformer_blocks.1.ff"]) == cached
+    assert all(0 < e < 1 for e in cache.errors["transformer_blocks.0.attn1"].values())
