@@ -78,7 +78,11 @@ def main() -> None:
     ap.add_argument("--tune-seed", type=int, default=1)
     ap.add_argument("--source", default=None, help="override the recipe's model.source")
     ap.add_argument("--plot", default=None, help="PNG of FID-to-FP against NFC")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only combine the rows of earlier runs (each keeps the latency ratio of its own run)")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.json, args.plot)
 
     recipe = load_recipe(args.recipe)
     if args.source:
@@ -150,10 +154,46 @@ def main() -> None:
         "tune_seed": args.tune_seed, "device": str(loaded.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "command": " ".join(sys.argv), "recipe": recipe_to_dict(recipe),
     }
-    write_json(args.json, report)
     print_table(rows)
+    report["acceptance"] = acceptance(rows)
+    write_json(args.json, report)
     if args.plot:
         plot(rows, args.plot)
+
+
+def merge(paths: list[str], out: str, plot_path: str | None) -> None:
+    """Combine the reports of several runs (e.g. one per group of targets) into one table and plot."""
+    import json
+
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [reports[0]["rows"][0]] + [r for rep in reports for r in rep["rows"] if r["method"] != "FP"]
+    rows.sort(key=lambda r: (-r["target_nfc"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1))
+    print_table(rows)
+    checks = acceptance(rows)
+    write_json(out, {"rows": rows, "acceptance": checks, "complete": all(rep.get("complete") for rep in reports),
+                     "runs": reports})
+    if plot_path:
+        plot(rows, plot_path)
+
+
+def acceptance(rows: list[dict]) -> dict:
+    """The issue's acceptance checks, computed from the rows (nothing is tuned here)."""
+    by = {(r["method"], r["target_nfc"]): r for r in rows}
+    out = {}
+    for t in sorted({r["target_nfc"] for r in rows if r["method"] == "RFC"}, reverse=True):
+        rfc, ts, fora = by.get(("RFC", t)), by.get(("TaylorSeer", t)), by.get(("FORA", t))
+        d = {"rfc_nfc": rfc["nfc"]}
+        if ts:
+            d.update(rfc_fid_to_fp=rfc["fid_to_fp"], taylorseer_fid_to_fp=ts["fid_to_fp"],
+                     rfc_le_taylorseer=rfc["fid_to_fp"] <= ts["fid_to_fp"])
+        if fora and "latency_s" in rfc and "latency_s" in fora:
+            d.update(rfc_overhead_over_fora=rfc["latency_s"] / fora["latency_s"] - 1,
+                     rfc_latency_nfc=rfc.get("latency_nfc"), rfc_latency_ratio=rfc["latency_ratio"],
+                     fora_latency_ratio=fora["latency_ratio"])
+        out[str(t)] = d
+    for t, d in out.items():
+        print(f"NFC {t}: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()))
+    return out
 
 
 def print_table(rows: list[dict]) -> None:
