@@ -1,0 +1,156 @@
+"""Forecasting a module's tensor at a cached step from its values at the last full steps.
+
+``Forecaster`` keeps, for one tensor trajectory f (a module's output, or the watched module's input), the value at
+the last full step and its differences over the last ``order`` gaps. Two expansions:
+
+- ``newton`` (default): Newton divided differences f[x0..xi] and weights prod_{j<i}(x - xj). This is the Taylor
+  forecast of TaylorSeer with derivative estimates that are exact for polynomials, so an order-m forecast reproduces a
+  degree-m polynomial trajectory exactly, also with uneven gaps between full steps.
+- ``taylor``: TaylorSeer's reference form, D_i = (D_{i-1}(t) - D_{i-1}(t-N)) / N with N the last gap, and weights
+  k^i / i!. It is exact to first order only (the second-order term is damped).
+
+The differences of a batch are kept stacked, (B, j, numel), so that a forecast is one fused ``baddbmm`` pass
+(value + coefficients @ differences) whether the coefficients are shared or per sample.
+
+``RelationalEstimator`` adds RFE on top: the forecast keeps the Taylor term's direction and takes its magnitude from
+the change of the module's input, scaled by ||dO|| / ||dI|| of the last two full steps. All norms are per sample
+(dim 0), so every image and each half of a CFG batch gets its own scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _hi(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors upcast to float32 for the arithmetic; float32/float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Per-sample p-norm over every dimension but the first; shape (B,)."""
+    return torch.linalg.vector_norm(_flat(x), ord=p, dim=1)
+
+
+def sample_dist(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Per-sample ||a - b||_p; shape (B,). (Difference then norm: 2x faster on CPU than ``torch.cdist``.)"""
+    return torch.linalg.vector_norm(_flat(a) - _flat(b), ord=p, dim=1)
+
+
+class Forecaster:
+    """Divided differences of one tensor trajectory over the full steps, and the polynomial forecast they give."""
+
+    def __init__(self, order: int, expansion: str = "newton", store_dtype: torch.dtype = torch.float32) -> None:
+        if expansion not in ("newton", "taylor"):
+            raise ValueError(f"expansion must be newton or taylor, got {expansion!r}")
+        self.order = order
+        self.expansion = expansion
+        self.store_dtype = store_dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.nodes: list[float] = []  # step positions of the last full steps, newest first
+        self.value: torch.Tensor | None = None  # the tensor at nodes[0], as the module returned it
+        self.diffs: torch.Tensor | None = None  # (B, j, numel): 1st..j-th differences, j <= order
+
+    @property
+    def available(self) -> int:
+        """Order that the stored differences support now (it grows as full steps arrive)."""
+        return -1 if self.value is None else 0 if self.diffs is None else self.diffs.shape[1]
+
+    def update(self, x: float, value: torch.Tensor) -> None:
+        """Record the true value at full step ``x`` (newer than every node so far)."""
+        j = min(self.available + 1, self.order) if self.value is not None else 0
+        if j > 0:
+            rows, prev = [], _flat(_hi(value))
+            for i in range(1, j + 1):
+                old = _flat(_hi(self.value)) if i == 1 else _hi(self.diffs[:, i - 2])
+                span = x - (self.nodes[0] if self.expansion == "taylor" else self.nodes[i - 1])
+                prev = (prev - old) / span
+                rows.append(prev)
+            dtype = rows[0].dtype if self.store_dtype == torch.float32 else self.store_dtype
+            self.diffs = torch.stack(rows, 1).to(dtype)
+        else:
+            self.diffs = None
+        self.value = value
+        self.nodes = [float(x), *self.nodes][: self.order + 1]
+
+    def weights(self, x: float) -> list[float]:
+        """Weights of the 1st..j-th differences in the forecast at position x."""
+        out, w = [], 1.0
+        for i in range(1, self.available + 1):
+            if self.expansion == "newton":
+                w *= x - self.nodes[i - 1]
+                out.append(w)
+            else:
+                out.append((x - self.nodes[0]) ** i / math.factorial(i))
+        return out
+
+    def predict(self, x: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Forecast at x: value + sum_i w_i * scale * diff_i; ``scale`` is an optional per-sample (B,) factor."""
+        if self.diffs is None:
+            return self.value
+        v = _hi(self.value)
+        n = v.shape[0]
+        w = torch.tensor(self.weights(x), dtype=v.dtype, device=v.device)
+        coef = w.expand(n, 1, -1) if scale is None else scale.to(v.dtype).view(n, 1, 1) * w
+        out = torch.baddbmm(v.reshape(n, 1, -1), coef, _hi(self.diffs).to(v.dtype))
+        return out.view(v.shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.value, self.diffs) if t is not None)
+
+
+class RelationalEstimator:
+    """RFE for one module: forecast direction from the differences, magnitude from the change of the input.
+
+    ``O(t+k) = O(t) + s * ||I(t+k) - I(t)|| * dir / ||dir||`` with ``s = ||O(t) - O(t-N)|| / ||I(t) - I(t-N)||`` and
+    ``dir`` the forecaster's correction term. ||dir|| comes from a per-sample Gram matrix of the differences kept at
+    the full step, so a cached step costs one pass over the input (its distance to I(t)) more than a plain forecast. Samples whose
+    scale is undefined (zero input change, zero direction, fewer than two full steps) fall back to the plain forecast.
+    """
+
+    def __init__(self, forecaster: Forecaster) -> None:
+        self.f = forecaster
+        self.reset()
+
+    def reset(self) -> None:
+        self.f.reset()
+        self.last_input: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None  # s per sample (float64), NaN where undefined
+        self.gram: torch.Tensor | None = None  # (B, j, j) float64 Gram matrix of the differences
+
+    def update(self, x: float, inp: torch.Tensor, out: torch.Tensor) -> None:
+        """Record a full step: the module's input and output at step x."""
+        self.scale = None
+        if self.f.value is not None and self.last_input is not None and self.last_input.shape == inp.shape:
+            d_out = sample_dist(_hi(out), _hi(self.f.value)).double()
+            d_in = sample_dist(_hi(inp), self.last_input).double()
+            self.scale = torch.where(d_in > 0, d_out / d_in, torch.full_like(d_in, float("nan")))
+        self.last_input = _hi(inp)
+        self.f.update(x, out)
+        d = self.f.diffs
+        self.gram = None if d is None or self.scale is None else torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()
+
+    def predict(self, x: float, inp: torch.Tensor) -> torch.Tensor:
+        """Forecast of the module's output at cached step x, given its real input there."""
+        if self.gram is None:
+            return self.f.predict(x)
+        w = torch.tensor(self.f.weights(x), dtype=torch.float64, device=self.gram.device)
+        dir_norm = (self.gram * torch.outer(w, w)).sum((1, 2)).clamp_min(0).sqrt()
+        mag = self.scale * sample_dist(_hi(inp), self.last_input).double()
+        c = mag / dir_norm
+        c = torch.where(torch.isfinite(c) & (dir_norm > 0), c, torch.ones_like(c))
+        return self.f.predict(x, scale=c)
+
+    def nbytes(self) -> int:
+        n = self.f.nbytes()
+        for t in (self.last_input, self.scale, self.gram):
+            n += 0 if t is None else t.numel() * t.element_size()
+        return n
