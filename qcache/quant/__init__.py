@@ -1,0 +1,18 @@
+"""Post-training quantization over optimum-quanto 0.2.7: presets, own observers, exact save/load.
+
+    plan = plan_quantization(transformer, QuantConfig(preset="W8A8"))   # which module gets what
+    quantize_transformer(transformer, cfg, calib)                        # observe, quantize, write scales, freeze
+    save_quantized(transformer, "out/quantized")                         # safetensors + quant_map.json
+    load_quantized("out/quantized")                                      # bit-identical outputs
+"""
+
+from .observers import AbsmaxObserver, PercentileObserver, observe_ranges
+from .plan import CONDITIONING_PATTERNS, KEEP_PATTERNS, PRESETS, plan_quantization
+from .quantize import quantize_transformer, run_calibration
+from .serialize import checkpoint_bytes, load_quantized, save_quantized
+
+__all__ = [
+    "AbsmaxObserver", "PercentileObserver", "observe_ranges", "CONDITIONING_PATTERNS", "KEEP_PATTERNS", "PRESETS",
+    "plan_quantization", "quantize_transformer", "run_calibration", "checkpoint_bytes", "load_quantized",
+    "save_quantized",
+]
