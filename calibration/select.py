@@ -49,7 +49,7 @@ def select(pool, method: str, size: int, seed: int = 0, *, alpha: float = 0.5, s
     if size >= len(pool):
         idx = np.arange(len(pool))
     elif method == "random":
-        idx = select_random(t, size, seed)
+        idx = ensure_coverage(select_random(t, size, seed), t, seed)
     else:
         f = pool_features(pool, feature_pool)
         if method == "kmeans":

@@ -92,7 +92,7 @@ def _pick_by_cluster(emb: np.ndarray, labels: np.ndarray, centers: np.ndarray, s
 def _kmeans(emb: np.ndarray, k: int, seed: int):
     from sklearn.cluster import KMeans
 
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed, max_iter=100).fit(emb)
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100).fit(emb)
     return km.labels_, km.cluster_centers_
 
 
@@ -110,8 +110,10 @@ def tap_embedding(f: np.ndarray, t: np.ndarray, alpha: float, sigma: float, land
 
     A = alpha * max(cos(f_a, f_l), 0) + (1 - alpha) * exp(-|tau_a - tau_l| / sigma) against n random landmarks,
     L = D_r^-1/2 A D_c^-1/2, and the top ``embed_dim`` left singular vectors of L (from the eigenvectors of the
-    small n x n matrix L^T L), rows normalised. Cosines are clipped at 0 so that the affinity stays non-negative.
+    randomized SVD), rows normalised. Cosines are clipped at 0 so that the affinity stays non-negative.
     """
+    from sklearn.utils.extmath import randomized_svd
+
     rng = np.random.default_rng(seed)
     n_pool = len(f)
     n = min(n_pool, landmarks if landmarks > 0 else max(embed_dim + 1, n_pool // 20))
@@ -121,15 +123,16 @@ def tap_embedding(f: np.ndarray, t: np.ndarray, alpha: float, sigma: float, land
     parts = []
     for _ in range(landmark_sets):
         idx = rng.choice(n_pool, n, replace=False)
-        a = alpha * np.maximum(fn @ fn[idx].T, 0.0)
-        a += (1.0 - alpha) * np.exp(-np.abs(tau[:, None] - tau[idx][None, :]) / sigma)
+        a = np.maximum(fn @ fn[idx].T, 0.0)
+        a *= alpha
+        a += (1.0 - alpha) * np.exp(-np.abs(tau[:, None] - tau[idx][None, :]) / np.float32(sigma))
         dr = np.maximum(a.sum(1), 1e-12)
         dc = np.maximum(a.sum(0), 1e-12)
-        lmat = (a / np.sqrt(dr)[:, None] / np.sqrt(dc)[None, :]).astype(np.float64)
-        w, v = np.linalg.eigh(lmat.T @ lmat)  # ascending
+        a /= np.sqrt(dr)[:, None]
+        a /= np.sqrt(dc)[None, :]
         k = min(embed_dim, n)
-        w, v = w[::-1][:k], v[:, ::-1][:, :k]
-        u = lmat @ v / np.sqrt(np.maximum(w, 1e-24))
+        # top-k left singular vectors of the N x n matrix L, by randomized SVD (N n k work, not N n^2)
+        u, _, _ = randomized_svd(a, k, n_oversamples=10, n_iter=3, random_state=int(rng.integers(2**31)))
         u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
         parts.append(u.astype(np.float32))
     return np.concatenate(parts, 1)
