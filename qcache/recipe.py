@@ -62,6 +62,38 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """Feature caching (qcache.cache): which policy skips the cacheable modules on which steps, and how it forecasts.
+
+    ``none`` computes every step; ``fora`` reuses the last output; ``taylorseer`` forecasts with finite differences
+    of order ``order``; ``rfc`` adds relational feature estimation (``rfe``) and relational cache scheduling
+    (``rcs``). Fixed schedules use ``interval`` (or ``target_nfc`` evenly spread full steps); RCS uses ``tau``, or
+    tunes it on a calibration batch to ``target_nfc``. ``schedule`` replays a saved static schedule instead.
+    """
+
+    policy: Literal["none", "fora", "taylorseer", "rfc"] = "none"
+    interval: int = _f(4, ge=1, le=1000)  # full step every `interval` steps (fixed schedules)
+    order: int = _f(2, ge=0, le=4)  # forecast order m (taylorseer, rfc)
+    warmup: int = _f(2, ge=1, le=1000)  # first steps always computed fully
+    tau: float | None = _f(None, ge=0.0)  # RCS threshold; null: tuned to target_nfc
+    target_nfc: int | None = _f(None, ge=1)  # full steps per generation to aim for
+    rfe: bool = True  # rfc: relational feature estimation (magnitude from the module input)
+    rcs: bool = True  # rfc: relational cache scheduling (full step when the input forecast error adds up)
+    expansion: Literal["newton", "taylor"] = "newton"  # forecast form, see docs/cache.md
+    store_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the stored differences
+    schedule: str | None = None  # path of a static schedule JSON to replay
+    tune_samples: int = _f(64, ge=1)  # calibration batch size for tuning tau
+    tune_seed: int = _f(1, ge=0)  # its noise seed (keep it apart from the evaluation seed)
+
+    def validate(self, path: str) -> None:
+        needs_tau = self.policy == "rfc" and self.rcs and self.schedule is None
+        if needs_tau and self.tau is None and self.target_nfc is None:
+            raise RecipeError(f"{path}.target_nfc: rfc with rcs needs tau or target_nfc, got neither")
+        if self.target_nfc is not None and self.target_nfc < self.warmup:
+            raise RecipeError(f"{path}.target_nfc: must be >= warmup ({self.warmup}), got {self.target_nfc}")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where results and artifacts go."""
 
@@ -130,13 +162,13 @@ class Recipe:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 # Sections a recipe may name that a later stage of qcache implements; until then they are refused.
 UNSUPPORTED_SECTIONS: dict[str, str] = {
-    "cache": "feature caching",
     "vc": "variance compensation",
 }
 
@@ -241,6 +273,9 @@ def _check_cross_fields(recipe: Recipe) -> None:
     dev = recipe.model.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise RecipeError(f"model.device: must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    nfc = recipe.cache.target_nfc
+    if nfc is not None and nfc > recipe.sampling.steps:
+        raise RecipeError(f"cache.target_nfc: must be <= sampling.steps ({recipe.sampling.steps}), got {nfc}")
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -19,6 +19,16 @@ def test_default_recipe_loads_with_expected_values():
     assert r.sampling.steps == 50 and r.sampling.scheduler == "ddim"
     assert r.sampling.guidance_scale == 1.5
     assert recipe_to_dict(r)["sampling"]["steps"] == 50
+    assert (r.cache.policy, r.cache.target_nfc, r.cache.tau, r.cache.rfe, r.cache.rcs) == ("rfc", 14, None, True, True)
+    assert (r.quant.preset, r.quant.observer, r.quant.overrides) == ("W8A8", "absmax", ())
+    assert (r.calibration.selector, r.calibration.size, r.calibration.cache_aware) == ("tap", 256, True)
+
+
+def test_cache_section_defaults_and_values():
+    assert recipe_from_dict({"model": {}}).cache.policy == "none"
+    c = recipe_from_dict({"model": {}, "cache": {"policy": "taylorseer", "interval": 5, "order": 1}}).cache
+    assert (c.policy, c.interval, c.order, c.warmup, c.store_dtype) == ("taylorseer", 5, 1, 2, "float32")
+    assert recipe_from_dict({"model": {}, "cache": {"policy": "rfc", "tau": 0}}).cache.tau == 0.0
 
 
 def test_defaults_fill_missing_sections():
@@ -46,6 +56,15 @@ def test_int_accepted_for_float_field():
         ({"model": {"device": "tpu"}}, "model.device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         ({"model": {}, "eval": {"n": -1}}, "eval.n: must be >= 1, got -1"),
         ({"model": {}, "banana": {}}, "banana: unknown section"),
+        ({"model": {}, "cache": {"policy": "lru"}}, "cache.policy: must be one of 'none', 'fora', 'taylorseer', 'rfc', got 'lru'"),
+        ({"model": {}, "cache": {"interval": 0}}, "cache.interval: must be >= 1, got 0"),
+        ({"model": {}, "cache": {"order": 5}}, "cache.order: must be <= 4, got 5"),
+        ({"model": {}, "cache": {"tau": -0.1}}, "cache.tau: must be >= 0.0, got -0.1"),
+        ({"model": {}, "cache": {"rfe": "yes"}}, "cache.rfe: must be true or false, got 'yes'"),
+        ({"model": {}, "cache": {"store_dtype": "int8"}}, "cache.store_dtype: must be one of"),
+        ({"model": {}, "cache": {"policy": "rfc"}}, "cache.target_nfc: rfc with rcs needs tau or target_nfc"),
+        ({"model": {}, "cache": {"target_nfc": 1, "warmup": 3}}, "cache.target_nfc: must be >= warmup (3), got 1"),
+        ({"model": {}, "cache": {"target_nfc": 60}}, "cache.target_nfc: must be <= sampling.steps (50), got 60"),
         ({"sampling": {}}, "model: required section is missing"),
         ([1, 2], "recipe: must be a mapping of sections"),
     ],

@@ -1,0 +1,206 @@
+"""Static schedules (a fixed full-step mask saved as JSON and replayed) and tuning tau to a target NFC.
+
+A static schedule records which steps were full for one sampler setting, with the policy and parameters that made
+it. Replaying it runs the same forecast on exactly those steps: deterministic, with an exact NFC, and the same on
+every device of a parallel job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cli import write_json
+from ..errors import QcacheError
+from ..recipe import CacheConfig
+from ..sampling import Sampler
+from .hooks import FeatureCache, attach_cache
+
+SCHEDULE_FORMAT = "qcache.cache_schedule"
+SCHEDULE_VERSION = 1
+PARAM_KEYS = ("policy", "interval", "order", "warmup", "tau", "target_nfc", "rfe", "rcs", "expansion", "store_dtype")
+
+
+@dataclass(frozen=True)
+class StaticSchedule:
+    """A fixed full-step mask for (sampler, steps), with the cache policy and parameters it replays."""
+
+    sampler: str
+    steps: int
+    full_steps: tuple[int, ...]
+    policy: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def nfc(self) -> int:
+        return len(self.full_steps)
+
+    def to_dict(self) -> dict:
+        return {"format": SCHEDULE_FORMAT, "version": SCHEDULE_VERSION, "sampler": self.sampler, "steps": self.steps,
+                "nfc": self.nfc, "full_steps": list(self.full_steps), "policy": self.policy, "params": self.params}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "schedule") -> "StaticSchedule":
+        def bad(msg: str) -> QcacheError:
+            return QcacheError(f"{where}: {msg}")
+
+        if not isinstance(d, dict) or d.get("format") != SCHEDULE_FORMAT:
+            raise bad(f"not a qcache cache schedule (format must be {SCHEDULE_FORMAT!r})")
+        if d.get("version") != SCHEDULE_VERSION:
+            raise bad(f"unsupported schedule version {d.get('version')!r} (this qcache reads {SCHEDULE_VERSION})")
+        steps, full = d.get("steps"), d.get("full_steps")
+        if not isinstance(steps, int) or steps < 1:
+            raise bad(f"steps must be a positive integer, got {steps!r}")
+        if not isinstance(full, list) or not all(isinstance(i, int) and 0 <= i < steps for i in full):
+            raise bad(f"full_steps must be a list of step indices in [0, {steps}), got {full!r}")
+        if 0 not in full:
+            raise bad("full_steps must contain step 0 (nothing is cached before the first full step)")
+        if "nfc" in d and d["nfc"] != len(set(full)):
+            raise bad(f"nfc {d['nfc']!r} does not match the {len(set(full))} full steps listed")
+        policy = d.get("policy")
+        if policy not in ("none", "fora", "taylorseer", "rfc"):
+            raise bad(f"policy must be none, fora, taylorseer or rfc, got {policy!r}")
+        return cls(str(d.get("sampler")), steps, tuple(sorted(set(full))), policy, dict(d.get("params") or {}))
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StaticSchedule":
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise QcacheError(f"cache.schedule: file not found: {p}") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise QcacheError(f"cache.schedule: cannot read {p}: {e}") from None
+        return cls.from_dict(data, where=f"cache.schedule ({p})")
+
+    def config(self, base: CacheConfig | None = None) -> CacheConfig:
+        """The cache config this schedule replays (its policy and forecast parameters)."""
+        known = {k: v for k, v in self.params.items() if k in PARAM_KEYS and k != "policy"}
+        base = base or CacheConfig()
+        return dataclasses.replace(base, policy=self.policy, schedule=None, **known)
+
+    def check(self, sampler: Sampler) -> None:
+        """Refuse to replay on a sampler with another scheduler or step count."""
+        if sampler.config.scheduler != self.sampler or sampler.config.steps != self.steps:
+            raise QcacheError(f"cache.schedule: made for {self.sampler} with {self.steps} steps, but the sampler "
+                              f"runs {sampler.config.scheduler} with {sampler.config.steps} steps")
+
+
+def schedule_params(cfg: CacheConfig, tau: float | None = None) -> dict:
+    d = {k: getattr(cfg, k) for k in PARAM_KEYS if k != "policy"}
+    if tau is not None:
+        d["tau"] = tau
+    return d
+
+
+def replay(sampler: Sampler, schedule: StaticSchedule, base: CacheConfig | None = None) -> FeatureCache:
+    """Attach a cache that replays ``schedule`` on ``sampler`` (and append it to ``sampler.hooks``)."""
+    schedule.check(sampler)
+    cache = attach_cache(sampler.transformer, schedule.config(base), full_steps=list(schedule.full_steps))
+    sampler.hooks.append(cache)
+    return cache
+
+
+def record_schedule(cache: FeatureCache, sampler: Sampler, generation: int = -1,
+                    tau: float | None = None) -> StaticSchedule:
+    """The full-step mask of one generation the cache served, as a static schedule."""
+    gens = cache.stats._done()
+    if not gens:
+        raise QcacheError("cache: no generation recorded yet")
+    g = gens[generation]
+    return StaticSchedule(sampler.config.scheduler, len(g.mask), tuple(g.full_steps), cache.cfg.policy,
+                          schedule_params(cache.cfg, tau))
+
+
+@dataclass
+class TuneResult:
+    """Tau found by bisection, the mean NFC it gave on the calibration batch, its schedule, and every probe."""
+
+    tau: float
+    nfc: float
+    schedule: StaticSchedule
+    probes: list[tuple[float, float]]
+
+
+def tune_tau(sampler: Sampler, cfg: CacheConfig, target_nfc: float, n: int | None = None, seed: int | None = None,
+             tol: float = 0.5, max_iter: int = 40) -> TuneResult:
+    """Find tau so that RCS's mean NFC on a calibration batch is within ``tol`` of ``target_nfc``.
+
+    NFC falls as tau grows (tau = 0: every step full), so: double tau until NFC <= target, then bisect (in log
+    space) between the last tau above and the first below. The calibration batch is ``n`` images of noise ``seed``
+    (default ``cfg.tune_samples`` and ``cfg.tune_seed``); other hooks of the sampler stay active. Raises QcacheError
+    when no tau comes within ``tol``; the closest probe is in the message.
+    """
+    steps = sampler.config.steps
+    if not cfg.warmup <= target_nfc <= steps:
+        raise QcacheError(f"cache.target_nfc: must be between warmup ({cfg.warmup}) and steps ({steps}), "
+                          f"got {target_nfc}")
+    if not (cfg.policy == "rfc" and cfg.rcs):
+        raise QcacheError("cache.target_nfc: tau tuning needs policy rfc with rcs: true")
+    n = cfg.tune_samples if n is None else n
+    seed = cfg.tune_seed if seed is None else seed
+    probes: list[tuple[float, float, StaticSchedule]] = []
+
+    def probe(tau: float) -> float:
+        cache = attach_cache(sampler.transformer, cfg, tau=tau)
+        sampler.hooks.append(cache)
+        try:
+            sampler.sample(n, seed=seed, progress=False)
+        finally:
+            sampler.hooks.remove(cache)
+            cache.remove()
+        nfc = cache.stats.mean_nfc()
+        probes.append((tau, nfc, record_schedule(cache, sampler, tau=tau)))
+        return nfc
+
+    def result() -> TuneResult:
+        tau, nfc, sched = min(probes, key=lambda p: (abs(p[1] - target_nfc), -p[0]))
+        return TuneResult(tau, nfc, sched, [(p[0], p[1]) for p in probes])
+
+    lo, hi = 0.0, 1e-3
+    for _ in range(max_iter):
+        nfc = probe(hi)
+        if abs(nfc - target_nfc) <= tol:
+            return result()
+        if nfc < target_nfc:
+            break
+        lo, hi = hi, hi * 4
+    for _ in range(max_iter):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 4
+        nfc = probe(mid)
+        if abs(nfc - target_nfc) <= tol:
+            return result()
+        if nfc > target_nfc:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-7 * hi:
+            break
+    best = result()
+    raise QcacheError(f"cache.target_nfc: no tau gives NFC {target_nfc} +/- {tol} on the calibration batch "
+                      f"(closest: tau={best.tau:.4g} with NFC {best.nfc:.2f})")
+
+
+def cache_sampler(sampler: Sampler, cfg: CacheConfig) -> tuple[FeatureCache, StaticSchedule | None]:
+    """Set up the recipe's ``cache`` section on ``sampler``: replay, tune tau to target_nfc, or attach as given.
+
+    Returns the attached cache (already in ``sampler.hooks``) and, when tau was tuned, the schedule it produced.
+    """
+    if cfg.schedule is not None:
+        return replay(sampler, StaticSchedule.load(cfg.schedule), cfg), None
+    tuned = None
+    tau = cfg.tau
+    if cfg.policy == "rfc" and cfg.rcs and tau is None:
+        tuned = tune_tau(sampler, cfg, cfg.target_nfc)
+        tau = tuned.tau
+    cache = attach_cache(sampler.transformer, cfg, tau=tau)
+    sampler.hooks.append(cache)
+    return cache, (tuned.schedule if tuned else None)
