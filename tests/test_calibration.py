@@ -32,9 +32,6 @@ def tiny_sampler(steps: int = 6) -> Sampler:
 
 def test_pool_records_model_inputs_of_every_step_without_cache():
     s = tiny_sampler()
-    seen = []
-    h = s.transformer.register_forward_hook(lambda m, a, kw, o: seen.append(kw["hidden_states"][:3].clone()),
-                                            with_kwargs=True) if False else None
     pool = collect_pool(s, 5, seed=3, labels=torch.tensor([0, 1, 2, 3, 4]))
     assert len(pool) == 5 * 6 and s.hooks == []
     assert set(pool.column_names) >= {"x", "timestep", "step_index", "num_steps", "class_label", "sample_id"}
@@ -47,7 +44,6 @@ def test_pool_records_model_inputs_of_every_step_without_cache():
     noise = torch.randn((5, 1, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
     np.testing.assert_array_equal(first[np.argsort(row["sample_id"][row["step_index"] == 0])], noise)
     assert set(row["class_label"][row["sample_id"] == 4].tolist()) == {4}
-    del h
 
 
 def test_pool_keeps_only_full_steps_of_a_cache():
@@ -155,5 +151,14 @@ def test_cli_collect_then_select(tmp_path, tiny_model_dir):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("selection: tap picked 12 of 30 pool rows (")
     assert len(load_dataset(tmp_path / "sel")) == 12
-    p = run_module("calibration.select", str(recipe), "--pool", str(tmp_path / "missing"))
-    assert p.returncode == 2 and p.stderr.startswith("error: --pool: no saved dataset at")
+    import sys
+
+    from calibration.select import main
+
+    sys_argv = sys.argv
+    sys.argv = ["calibration.select", str(recipe), "--pool", str(tmp_path / "missing")]
+    try:
+        with pytest.raises(QcacheError, match="^--pool: no saved dataset at"):
+            main()
+    finally:
+        sys.argv = sys_argv
