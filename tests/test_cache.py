@@ -262,3 +262,42 @@ def test_accounting_memory_and_flops():
     modules = [dict(s.transformer.named_modules())[n] for n in cache_layout(s.transformer).names]
     per_step = sum(executed_flops(lambda m=m: m(x))[1] for m in modules)
     assert per_step > 0 and flops[1] - flops[3] == (12 - 5) * per_step
+
+
+def test_attach_before_or_after_quantization_gives_the_same_result():
+    """The cache wraps attn1/ff, not their Linear layers, so quanto may replace those before or after attaching."""
+    quanto = pytest.importorskip("optimum.quanto")
+
+    def quantized(s: Sampler) -> None:
+        quanto.quantize(s.transformer, weights=quanto.qint8, activations=None)
+        quanto.freeze(s.transformer)
+
+    cfg = CacheConfig(policy="rfc", rcs=False, interval=3)
+    s_ref = make_sampler(steps=8)
+    quantized(s_ref)
+    uncached, _ = run(s_ref, None)
+    after, _ = run(s_ref, cfg)
+    s = make_sampler(steps=8)
+    cache = attach_cache(s.transformer, cfg)
+    s.hooks.append(cache)
+    quantized(s)
+    assert type(s.transformer.transformer_blocks[0].attn1.to_q).__name__ == "QLinear"
+    before = s.sample(4, progress=False).images
+    assert torch.equal(before, after) and not torch.equal(before, uncached)
+    s.hooks.remove(cache)
+    cache.remove()
+    assert torch.equal(s.sample(4, progress=False).images, uncached)
+
+
+def test_error_diagnostics_leave_the_result_unchanged():
+    s = make_sampler(steps=8)
+    cfg = CacheConfig(policy="taylorseer", interval=3)
+    plain, _ = run(s, cfg)
+    cache = attach_cache(s.transformer, cfg)
+    cache.record_errors()
+    s.hooks.append(cache)
+    diag = s.sample(4, progress=False).images
+    assert torch.equal(diag, plain)
+    cached = [i for i, f in enumerate(cache.stats.generations[0].mask) if not f]
+    assert sorted(cache.errors["transformer_blocks.1.ff"]) == cached
+    assert all(0 < e < 1 for e in cache.errors["transformer_blocks.0.attn1"].values())

@@ -9,6 +9,9 @@ the last full step and its differences over the last ``order`` gaps. Two expansi
 - ``taylor``: TaylorSeer's reference form, D_i = (D_{i-1}(t) - D_{i-1}(t-N)) / N with N the last gap, and weights
   k^i / i!. It is exact to first order only (the second-order term is damped).
 
+The differences of a batch are kept stacked, (B, j, numel), so that a forecast is one fused ``baddbmm`` pass
+(value + coefficients @ differences) whether the coefficients are shared or per sample.
+
 ``RelationalEstimator`` adds RFE on top: the forecast keeps the Taylor term's direction and takes its magnitude from
 the change of the module's input, scaled by ||dO|| / ||dI|| of the last two full steps. All norms are per sample
 (dim 0), so every image and each half of a CFG batch gets its own scale.
@@ -21,13 +24,25 @@ import math
 import torch
 
 
+def _hi(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors upcast to float32 for the arithmetic; float32/float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
 def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Per-sample p-norm over every dimension but the first; shape (B,)."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1)
+    return torch.linalg.vector_norm(_flat(x), ord=p, dim=1)
 
 
-def _per_sample(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return c.reshape(-1, *([1] * (like.ndim - 1)))
+def sample_dist(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Per-sample ||a - b||_p in one fused pass (no difference tensor); shape (B,)."""
+    n = a.shape[0]
+    return torch.cdist(_flat(a).view(n, 1, -1), _flat(b).view(n, 1, -1), p=p,
+                       compute_mode="donot_use_mm_for_euclid_dist").view(n)
 
 
 class Forecaster:
@@ -43,29 +58,35 @@ class Forecaster:
 
     def reset(self) -> None:
         self.nodes: list[float] = []  # step positions of the last full steps, newest first
-        self.diffs: list[torch.Tensor] = []  # diffs[0]: value at nodes[0]; diffs[i]: i-th difference
+        self.value: torch.Tensor | None = None  # the tensor at nodes[0], as the module returned it
+        self.diffs: torch.Tensor | None = None  # (B, j, numel): 1st..j-th differences, j <= order
 
     @property
     def available(self) -> int:
         """Order that the stored differences support now (it grows as full steps arrive)."""
-        return len(self.diffs) - 1
+        return -1 if self.value is None else 0 if self.diffs is None else self.diffs.shape[1]
 
     def update(self, x: float, value: torch.Tensor) -> None:
         """Record the true value at full step ``x`` (newer than every node so far)."""
-        new = [value]
-        prev = value.float() if value.dtype != torch.float32 else value
-        for i in range(1, min(len(self.diffs), self.order) + 1):
-            span = x - (self.nodes[0] if self.expansion == "taylor" else self.nodes[i - 1])
-            d = (prev - self.diffs[i - 1].float()) / span
-            new.append(d.to(self.store_dtype))
-            prev = d
-        self.diffs = new
+        j = min(self.available + 1, self.order) if self.value is not None else 0
+        if j > 0:
+            rows, prev = [], _flat(_hi(value))
+            for i in range(1, j + 1):
+                old = _flat(_hi(self.value)) if i == 1 else _hi(self.diffs[:, i - 2])
+                span = x - (self.nodes[0] if self.expansion == "taylor" else self.nodes[i - 1])
+                prev = (prev - old) / span
+                rows.append(prev)
+            dtype = rows[0].dtype if self.store_dtype == torch.float32 else self.store_dtype
+            self.diffs = torch.stack(rows, 1).to(dtype)
+        else:
+            self.diffs = None
+        self.value = value
         self.nodes = [float(x), *self.nodes][: self.order + 1]
 
     def weights(self, x: float) -> list[float]:
-        """Weights of diffs[1:] in the forecast at position x."""
+        """Weights of the 1st..j-th differences in the forecast at position x."""
         out, w = [], 1.0
-        for i in range(1, len(self.diffs)):
+        for i in range(1, self.available + 1):
             if self.expansion == "newton":
                 w *= x - self.nodes[i - 1]
                 out.append(w)
@@ -74,23 +95,18 @@ class Forecaster:
         return out
 
     def predict(self, x: float, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Forecast at x: diffs[0] + sum_i w_i * scale * diffs[i]; ``scale`` is an optional per-sample (B,) factor."""
-        base = self.diffs[0]
-        ws = self.weights(x)
-        if not ws:
-            return base
-        out = None
-        for w, d in zip(ws, self.diffs[1:]):
-            src = base if out is None else out
-            if scale is None:
-                out = torch.add(src, d, alpha=w) if out is None else out.add_(d, alpha=w)
-            else:
-                c = _per_sample(scale * w, d)
-                out = torch.addcmul(src, c, d) if out is None else out.addcmul_(c, d)
-        return out
+        """Forecast at x: value + sum_i w_i * scale * diff_i; ``scale`` is an optional per-sample (B,) factor."""
+        if self.diffs is None:
+            return self.value
+        v = _hi(self.value)
+        n = v.shape[0]
+        w = torch.tensor(self.weights(x), dtype=v.dtype, device=v.device)
+        coef = w.expand(n, 1, -1) if scale is None else scale.to(v.dtype).view(n, 1, 1) * w
+        out = torch.baddbmm(v.reshape(n, 1, -1), coef, _hi(self.diffs).to(v.dtype))
+        return out.view(v.shape)
 
     def nbytes(self) -> int:
-        return sum(d.numel() * d.element_size() for d in self.diffs)
+        return sum(t.numel() * t.element_size() for t in (self.value, self.diffs) if t is not None)
 
 
 class RelationalEstimator:
@@ -98,8 +114,8 @@ class RelationalEstimator:
 
     ``O(t+k) = O(t) + s * ||I(t+k) - I(t)|| * dir / ||dir||`` with ``s = ||O(t) - O(t-N)|| / ||I(t) - I(t-N)||`` and
     ``dir`` the forecaster's correction term. ||dir|| comes from a per-sample Gram matrix of the differences kept at
-    the full step, so a cached step costs one pass over the input more than a plain forecast. Samples whose scale
-    is undefined (zero input change, zero direction, fewer than two full steps) fall back to the plain forecast.
+    the full step, so a cached step costs one fused pass over the input more than a plain forecast. Samples whose
+    scale is undefined (zero input change, zero direction, fewer than two full steps) fall back to the plain forecast.
     """
 
     def __init__(self, forecaster: Forecaster) -> None:
@@ -109,37 +125,30 @@ class RelationalEstimator:
     def reset(self) -> None:
         self.f.reset()
         self.last_input: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None  # s per sample, NaN where undefined
-        self.gram: torch.Tensor | None = None  # (B, j, j) float64 Gram matrix of diffs[1..j]
+        self.scale: torch.Tensor | None = None  # s per sample (float64), NaN where undefined
+        self.gram: torch.Tensor | None = None  # (B, j, j) float64 Gram matrix of the differences
 
     def update(self, x: float, inp: torch.Tensor, out: torch.Tensor) -> None:
         """Record a full step: the module's input and output at step x."""
-        if self.f.diffs and self.last_input is not None and self.last_input.shape == inp.shape:
-            d_out = sample_norm(out.float() - self.f.diffs[0].float())
-            d_in = sample_norm(inp.float() - self.last_input)
+        self.scale = None
+        if self.f.value is not None and self.last_input is not None and self.last_input.shape == inp.shape:
+            d_out = sample_dist(_hi(out), _hi(self.f.value)).double()
+            d_in = sample_dist(_hi(inp), self.last_input).double()
             self.scale = torch.where(d_in > 0, d_out / d_in, torch.full_like(d_in, float("nan")))
-        self.last_input = inp.float() if inp.dtype != torch.float32 else inp
+        self.last_input = _hi(inp)
         self.f.update(x, out)
-        ds = [d.reshape(d.shape[0], -1).float() for d in self.f.diffs[1:]]
-        if ds and self.scale is not None:
-            j = len(ds)
-            g = torch.empty(ds[0].shape[0], j, j, dtype=torch.float64, device=ds[0].device)
-            for a in range(j):
-                for b in range(a, j):
-                    g[:, a, b] = g[:, b, a] = torch.linalg.vecdot(ds[a], ds[b]).double()
-            self.gram = g
-        else:
-            self.gram = None
+        d = self.f.diffs
+        self.gram = None if d is None or self.scale is None else torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()
 
     def predict(self, x: float, inp: torch.Tensor) -> torch.Tensor:
         """Forecast of the module's output at cached step x, given its real input there."""
-        if self.gram is None or self.scale is None:
+        if self.gram is None:
             return self.f.predict(x)
         w = torch.tensor(self.f.weights(x), dtype=torch.float64, device=self.gram.device)
-        dir_norm = torch.einsum("i,bij,j->b", w, self.gram, w).clamp_min(0).sqrt()
-        mag = self.scale.double() * sample_norm(inp.float() - self.last_input).double()
+        dir_norm = (self.gram * torch.outer(w, w)).sum((1, 2)).clamp_min(0).sqrt()
+        mag = self.scale * sample_dist(_hi(inp), self.last_input).double()
         c = mag / dir_norm
-        c = torch.where(torch.isfinite(c) & (dir_norm > 0), c, torch.ones_like(c)).float()
+        c = torch.where(torch.isfinite(c) & (dir_norm > 0), c, torch.ones_like(c))
         return self.f.predict(x, scale=c)
 
     def nbytes(self) -> int:

@@ -20,7 +20,7 @@ from ..recipe import CacheConfig
 from ..sampling import SamplerHook, StepState
 from .accounting import CacheStats
 from .adapters import cache_layout, module_input
-from .forecast import Forecaster, RelationalEstimator
+from .forecast import Forecaster, RelationalEstimator, sample_dist, sample_norm
 from .policies import AllSteps, FixedSchedule, RelationalSchedule, StepPolicy
 
 HOOK_NAME = "qcache_feature_cache"
@@ -46,7 +46,7 @@ class _ModuleState:
             self.forecaster.update(step, out)
 
     def forecast(self, step: int, inp: torch.Tensor) -> torch.Tensor:
-        if not self.forecaster.diffs:
+        if self.forecaster.value is None:
             raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
         if self.rfe is not None:
             return self.rfe.predict(step, inp)
@@ -61,9 +61,10 @@ class _ModuleCacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: "FeatureCache", state: _ModuleState, watched: bool) -> None:
+    def __init__(self, cache: "FeatureCache", name: str, state: _ModuleState, watched: bool) -> None:
         super().__init__()
         self.cache = cache
+        self.name = name
         self.state = state
         self.watched = watched
 
@@ -76,7 +77,10 @@ class _ModuleCacheHook(ModelHook):
             out = self.fn_ref.original_forward(*args, **kwargs)
             self.state.observe(cache.step, inp, out)
             return out
-        return self.state.forecast(cache.step, inp)
+        pred = self.state.forecast(cache.step, inp)
+        if cache.errors is not None:  # diagnostics: compute the real output too and keep the forecast error
+            cache._record_error(self.name, pred, self.fn_ref.original_forward(*args, **kwargs))
+        return pred
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state.reset()
@@ -113,6 +117,8 @@ class FeatureCache(SamplerHook):
         self.module_mode = module_mode
         self.layout = cache_layout(transformer)
         self.stats = CacheStats()
+        # diagnostics, off by default: {module name: {step: mean relative L2 error of the forecast}}
+        self.errors: dict[str, dict[int, float]] | None = None
         self.step = -1
         self.full = True
         self._decided = False
@@ -126,7 +132,7 @@ class FeatureCache(SamplerHook):
         for name in self.layout.names:
             st = _ModuleState(module_mode, cfg.order, cfg.expansion, store)
             reg = HookRegistry.check_if_exists_or_initialize(modules[name])
-            reg.register_hook(_ModuleCacheHook(self, st, name == self.layout.watched), HOOK_NAME)
+            reg.register_hook(_ModuleCacheHook(self, name, st, name == self.layout.watched), HOOK_NAME)
             self._states[name] = st
             self._registries.append(reg)
         reg = HookRegistry.check_if_exists_or_initialize(transformer)
@@ -139,6 +145,8 @@ class FeatureCache(SamplerHook):
         """Forget every stored tensor and start a new generation (called by ``on_start``)."""
         for st in self._states.values():
             st.reset()
+        if self.errors is not None:
+            self.errors = {}
         self.policy.reset(num_steps)
         self.step, self.full, self._decided, self._step_hint = -1, True, False, None
         self._num_steps, self._batch = num_steps, None
@@ -163,6 +171,15 @@ class FeatureCache(SamplerHook):
     def _set_full(self, full: bool) -> None:
         self.full, self._decided = full, True
         self.stats.record_step(self.step, full)
+
+    def record_errors(self, on: bool = True) -> None:
+        """Diagnostics: also run the modules on cached steps and keep each forecast's relative L2 error per step
+        (of the current generation) in ``errors``. Costs a full computation on every step."""
+        self.errors = {} if on else None
+
+    def _record_error(self, name: str, pred: torch.Tensor, true: torch.Tensor) -> None:
+        err = sample_dist(pred, true) / sample_norm(true).clamp_min(1e-12)
+        self.errors.setdefault(name, {})[self.step] = float(err.mean())
 
     def memory_bytes(self) -> int:
         """Bytes of every tensor the cache holds right now (all modules plus the scheduler's input forecast)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .forecast import Forecaster, sample_norm
+from .forecast import Forecaster, sample_dist, sample_norm
 
 
 def interval_full_steps(steps: int, warmup: int, interval: int) -> list[int]:
@@ -96,11 +96,12 @@ class RelationalSchedule(StepPolicy):
         self.errors: list[float | None] = []
 
     def decide(self, step: int, watched: torch.Tensor | None) -> bool:
-        full = step < self.warmup or not self.forecaster.diffs or self.tau <= 0
+        full = step < self.warmup or self.forecaster.value is None or self.tau <= 0
         err = None
         if not full:
-            x = watched.float()
-            err = float((sample_norm(x - self.forecaster.predict(step), 1) / sample_norm(x, 1).clamp_min(1e-12)).mean())
+            x = watched if watched.dtype in (torch.float32, torch.float64) else watched.float()
+            rel = sample_dist(x, self.forecaster.predict(step), 1) / sample_norm(x, 1).clamp_min(1e-12)
+            err = float(rel.mean())
             self.acc += err
             full = self.acc > self.tau
         self.errors.append(err)
