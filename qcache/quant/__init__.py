@@ -11,8 +11,10 @@ from .plan import CONDITIONING_PATTERNS, KEEP_PATTERNS, PRESETS, plan_quantizati
 from .quantize import quantize_transformer, run_calibration
 from .serialize import checkpoint_bytes, load_quantized, save_quantized
 
+quantize_ = quantize_transformer  # torchao-style spelling: quantize_(model, QuantConfig(...), calib)
+
 __all__ = [
     "AbsmaxObserver", "PercentileObserver", "observe_ranges", "CONDITIONING_PATTERNS", "KEEP_PATTERNS", "PRESETS",
-    "plan_quantization", "quantize_transformer", "run_calibration", "checkpoint_bytes", "load_quantized",
+    "plan_quantization", "quantize_", "quantize_transformer", "run_calibration", "checkpoint_bytes", "load_quantized",
     "save_quantized",
 ]
