@@ -84,6 +84,8 @@ class Bench:
         m = {**compare_sets(self.ref.images, samples.images), **quality_metrics(samples)}
         row = {**row, "cache": "rfc" if cached else "none", "nfc": nfc, **m, "sample_s": round(took, 2)}
         self.rows.append(row)
+        if self.args.json:  # partial results survive an interrupted run
+            write_json(Path(self.args.json).with_suffix(".partial.json"), {"rows": self.rows})
         log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         return row
 
