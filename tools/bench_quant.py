@@ -217,6 +217,17 @@ def table(result: dict) -> str:
             v = r.get(c, "")
             vals.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(vals) + " |")
+    lines += ["", "Mean over selection seeds (W*A8 + RFC, cache-aware pool):", "",
+              "| weights | calib_size | selector | seeds | fid_to_fp mean | psnr mean | class_accuracy mean |",
+              "|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in result["rows"]:
+        if r.get("activations") == "int8" and r.get("pool") == "cache-aware" and r.get("variant") == "default":
+            groups.setdefault((r["weights"], r["calib_size"], r["selector"]), []).append(r)
+    for (w, size, sel), rs in groups.items():
+        mean = lambda k: sum(x[k] for x in rs) / len(rs)  # noqa: E731
+        lines.append(f"| {w} | {size} | {sel} | {len(rs)} | {mean('fid_to_fp'):.4g} | {mean('psnr'):.4g} | "
+                     f"{mean('class_accuracy'):.4g} |")
     lines += ["", "| preset | variant | bytes | × smaller than fp32 |", "|---|---|---|---|"]
     for c in result["checkpoints"]:
         lines.append(f"| {c['preset']} | {c['variant']} | {c['bytes']} | {c['ratio']:.2f} |")
@@ -234,7 +245,11 @@ def main() -> None:
     ap.add_argument("--selection-seeds", type=int, default=1, help="repeat each selection with seeds 0..K-1")
     ap.add_argument("--pool-images", type=int, default=None, help="default: calibration.pool_images")
     ap.add_argument("--tap-rows", type=int, default=20_000, help="pool rows for the TAP timing")
+    ap.add_argument("--table-from", default=None, help="only print the tables of a saved result JSON")
     args = ap.parse_args()
+    if args.table_from:
+        print(table(json.loads(Path(args.table_from).read_text())))
+        return
     torch.set_grad_enabled(False)
     import datasets
 
