@@ -202,3 +202,15 @@ def test_checkpoint_ratios_on_the_digits_architecture(tmp_path):
         ratios[preset] = fp32 / checkpoint_bytes(save_quantized(m, tmp_path / preset))
     assert ratios["W8"] >= 3.5, ratios
     assert ratios["W4"] >= 6.0, ratios
+
+
+@pytest.mark.parametrize("k", [128, 512, 2048])
+def test_exact_int_mm_equals_torch_int_mm(k):
+    from qcache.quant import exact_int_mm
+
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (64, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, 32), generator=g, dtype=torch.int8)
+    a[0] = -128  # the worst case: every product 16384
+    b[:, 0] = -128
+    assert torch.equal(exact_int_mm(a, b), torch._int_mm(a, b))
