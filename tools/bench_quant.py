@@ -154,6 +154,9 @@ class Bench:
                 for method in a.selectors:
                     for seed in range(a.selection_seeds):
                         q_row(preset, "cache-aware", method, size, True, seed=seed)
+        if a.no_extras:
+            return {"command": " ".join(sys.argv), "n": self.n, "nfc": self.schedule.nfc, "tau": tuned.tau,
+                    "observer": self.recipe.quant.observer, "rows": self.rows, "checkpoints": []}
         q_row("W8A8", "uncached", "tap", max(a.sizes), False)
         q_row("W8A8", "uncached", "tap", max(a.sizes), True, variant="naive pool")
         for preset in ("W8", "W4"):
@@ -245,6 +248,8 @@ def main() -> None:
     ap.add_argument("--selection-seeds", type=int, default=1, help="repeat each selection with seeds 0..K-1")
     ap.add_argument("--pool-images", type=int, default=None, help="default: calibration.pool_images")
     ap.add_argument("--tap-rows", type=int, default=20_000, help="pool rows for the TAP timing")
+    ap.add_argument("--observer", choices=["absmax", "percentile"], default=None, help="override quant.observer")
+    ap.add_argument("--no-extras", action="store_true", help="only the preset x size x selector rows")
     ap.add_argument("--table-from", default=None, help="only print the tables of a saved result JSON")
     args = ap.parse_args()
     if args.table_from:
@@ -255,6 +260,8 @@ def main() -> None:
 
     datasets.disable_progress_bars()
     bench = Bench(args)
+    if args.observer:
+        bench.recipe = replace(bench.recipe, quant=replace(bench.recipe.quant, observer=args.observer))
     if args.pool_images is None:
         args.pool_images = bench.recipe.calibration.pool_images
     t0 = time.perf_counter()
