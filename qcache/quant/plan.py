@@ -1,0 +1,62 @@
+"""Which module gets which quantization: presets, the full-precision defaults, and fnmatch overrides.
+
+A plan maps module names to ``{"weights": "int8"|"int4", "activations": "int8"|"none"}``; modules absent from it
+stay in floating point. Only ``nn.Linear`` and ``nn.Conv2d`` are candidates, so norms are never wrapped (quanto
+would wrap affine-free LayerNorms whose ``None`` state-dict entries break safetensors).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+
+from ..errors import QcacheError
+from ..recipe import QuantConfig
+
+# preset -> (weights, activations)
+PRESETS: dict[str, tuple[str, str]] = {
+    "W8A8": ("int8", "int8"),
+    "W4A8": ("int4", "int8"),
+    "W8": ("int8", "none"),
+    "W4": ("int4", "none"),
+    "none": ("none", "none"),
+}
+# Timestep/label embedders and adaLN modulation linears (DiT: one per block; PixArt: one shared adaln_single).
+# Their activations (timestep features, SiLU(embedding)) are never quantized; their weights follow
+# ``QuantConfig.conditioning_weights``.
+CONDITIONING_PATTERNS: tuple[str, ...] = ("*norm1.emb.*", "*norm1.linear", "adaln_single.*", "*time_proj*")
+# Always full precision unless an override names them: patch embedding and the final projection.
+KEEP_PATTERNS: tuple[str, ...] = ("pos_embed.*", "proj_out*")
+CANDIDATE_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch(name, p) for p in patterns)
+
+
+def plan_quantization(model: torch.nn.Module, cfg: QuantConfig) -> dict[str, dict[str, str]]:
+    """Resolve ``cfg`` against ``model``'s module names; unmatched override/exclude patterns are an error."""
+    weights, acts = PRESETS[cfg.preset]
+    cond_w = weights if cfg.conditioning_weights == "preset" else cfg.conditioning_weights
+    names = [n for n, m in model.named_modules() if isinstance(m, CANDIDATE_TYPES)]
+    for i, p in enumerate(cfg.exclude):
+        if not any(fnmatch(n, p) for n in names):
+            raise QcacheError(f"quant.exclude[{i}]: pattern {p!r} matches no Linear/Conv2d module of the model")
+    for i, ov in enumerate(cfg.overrides):
+        if not any(fnmatch(n, ov.pattern) for n in names):
+            raise QcacheError(f"quant.overrides[{i}].pattern: {ov.pattern!r} matches no Linear/Conv2d module of "
+                              f"the model (e.g. {names[len(names) // 2]!r})")
+    plan = {}
+    for name in names:
+        w, a = weights, acts
+        if _matches(name, CONDITIONING_PATTERNS):
+            w, a = cond_w, "none"
+        if _matches(name, KEEP_PATTERNS) or _matches(name, cfg.exclude):
+            w, a = "none", "none"
+        for ov in cfg.overrides:  # the last matching override wins
+            if fnmatch(name, ov.pattern):
+                w, a = ov.weights, ov.activations
+        if w != "none":
+            plan[name] = {"weights": w, "activations": a}
+    return plan

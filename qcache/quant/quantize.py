@@ -1,0 +1,133 @@
+"""``quantize_transformer``: observe ranges on the full-precision model, swap in quanto modules, write scales, freeze.
+
+Order matters and is fixed here: (1) round the tensors that stay unquantized to ``keep_dtype`` (so the checkpoint
+can store them in 16 bits and reload bit-identically), (2) observe activation ranges over the whole calibration
+set with our observers, (3) replace the planned Linear/Conv2d modules by quanto modules, (4) write
+``input_scale``/``output_scale`` = range / 127 and make the output-quantization decision explicit, (5) freeze.
+quanto's ``Calibration`` is never used (EMA with a fixed input momentum; streamline decisions are not saved).
+"""
+
+from __future__ import annotations
+
+import torch
+from optimum.quanto import freeze
+from optimum.quanto.nn import QModuleMixin, quantize_module
+
+from ..errors import QcacheError
+from ..recipe import QuantConfig
+from .observers import observe_ranges
+from .plan import plan_quantization
+
+QTYPES = {"int8": "qint8", "int4": "qint4", "none": None}
+INT8_MAX = 127.0
+MIN_RANGE = 1e-8  # a module whose input is all zeros still gets a usable scale
+FORMAT = "qcache-quanto/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def run_calibration(model: torch.nn.Module, calib, guidance: bool = True, batch_size: int = 128) -> None:
+    """One forward pass of the model over every row of ``calib`` (columns x, timestep, class_label).
+
+    With ``guidance`` each row also runs with the null class in the same batch, as the CFG sampler does.
+    """
+    param = next(model.parameters())
+    null = int(model.config.num_embeds_ada_norm)
+    ds = calib.with_format("torch", columns=["x", "timestep", "class_label"])
+    with torch.no_grad():
+        for start in range(0, len(ds), batch_size):
+            rows = ds[start:start + batch_size]
+            x, t, y = rows["x"].to(param.device, param.dtype), rows["timestep"].to(param.device), rows["class_label"]
+            y = y.to(param.device)
+            if guidance:
+                x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])
+            model(x, timestep=t, class_labels=y, return_dict=False)
+
+
+def round_kept_tensors(model: torch.nn.Module, plan: dict, keep_dtype: str) -> None:
+    """Round every float parameter that will not be quantized to ``keep_dtype`` precision, in place.
+
+    The model keeps computing in its own dtype; the values become exactly representable in ``keep_dtype``, so
+    the checkpoint stores them in 16 bits and reloads them bit-identically. Quantized weights are skipped.
+    """
+    target = DTYPES[keep_dtype]
+    quantized = {f"{n}.weight" for n in plan}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in quantized or not p.is_floating_point():
+                continue
+            if target.itemsize < p.dtype.itemsize:
+                p.copy_(p.to(target).to(p.dtype))
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_plan(model: torch.nn.Module, plan: dict[str, dict]) -> None:
+    """Replace every planned module by its quanto counterpart (weights not frozen yet)."""
+    for name, spec in plan.items():
+        module = model.get_submodule(name)
+        qmodule = quantize_module(module, weights=QTYPES[spec["weights"]], activations=QTYPES[spec["activations"]])
+        if qmodule is None:
+            raise QcacheError(f"quant: module {name!r} ({type(module).__name__}) has no quanto counterpart")
+        qmodule.name = name
+        _set_module(model, name, qmodule)
+
+
+def set_output_quantization(model: torch.nn.Module, decisions: dict[str, bool]) -> None:
+    """Make each module's output quantization what ``decisions`` says (quanto turns it on for every A8 module)."""
+    for name, keep in decisions.items():
+        m = model.get_submodule(name)
+        if not keep:
+            m.disable_output_quantization()
+
+
+def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=None, *, guidance: bool = True,
+                         batch_size: int = 128) -> torch.nn.Module:
+    """Quantize ``transformer`` in place per ``cfg``; activation ranges come from all rows of ``calib``.
+
+    ``calib`` is a ``datasets.Dataset`` with columns x, timestep, class_label (see ``calibration``); it is needed
+    only when some module quantizes activations. Call it on a model without an active feature cache. Returns the
+    same module, frozen, with ``transformer.qcache_quant`` describing what was done (used by ``save_quantized``).
+    """
+    plan = plan_quantization(transformer, cfg)
+    act_names = [n for n, s in plan.items() if s["activations"] != "none"]
+    if act_names and (calib is None or len(calib) == 0):
+        raise QcacheError(f"quant.preset: {cfg.preset} quantizes activations and needs a non-empty calibration set")
+    transformer.eval().requires_grad_(False)
+    round_kept_tensors(transformer, plan, cfg.keep_dtype)
+    ranges = {}
+    if act_names:
+        ranges = observe_ranges(transformer, act_names, lambda: run_calibration(transformer, calib, guidance,
+                                                                                batch_size),
+                                cfg.observer, cfg.percentile)
+    apply_plan(transformer, plan)
+    decisions = {}
+    for name in act_names:
+        m = transformer.get_submodule(name)
+        dtype, device = m.input_scale.dtype, m.input_scale.device
+        m.input_scale = torch.tensor(max(ranges[name]["input"], MIN_RANGE) / INT8_MAX, dtype=dtype, device=device)
+        m.output_scale = torch.tensor(max(ranges[name]["output"], MIN_RANGE) / INT8_MAX, dtype=dtype,
+                                      device=device)
+        decisions[name] = bool(cfg.quantize_outputs)
+    set_output_quantization(transformer, decisions)
+    freeze(transformer)
+    transformer.requires_grad_(False)
+    modules = {n: {**s, "quantize_output": decisions.get(n, False)} for n, s in plan.items()}
+    transformer.qcache_quant = {
+        "format": FORMAT,
+        "preset": cfg.preset,
+        "observer": cfg.observer,
+        "percentile": cfg.percentile if cfg.observer == "percentile" else None,
+        "keep_dtype": cfg.keep_dtype,
+        "calibration_rows": 0 if calib is None else len(calib),
+        "modules": modules,
+        "ranges": ranges,
+    }
+    return transformer
+
+
+def quantized_modules(model: torch.nn.Module) -> dict[str, QModuleMixin]:
+    """The quanto modules of ``model`` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QModuleMixin)}

@@ -1,0 +1,155 @@
+"""Save a quantized transformer as ``model.safetensors`` + ``quant_map.json`` and load it back bit-identically.
+
+The JSON map holds the base model's class and config, the dtype, and for every quantized module its weight and
+activation types and the explicit output-quantization decision. Unquantized float tensors are stored in
+``keep_dtype`` when that is lossless (``quantize_transformer`` rounded them). Loading builds the base model with
+empty parameters but real buffers (DiT's non-persistent ``pos_embed.pos_embed`` survives), swaps in the quanto
+modules, re-applies the output decisions, loads the tensors strictly, and checks every tensor against the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import QcacheError
+from .quantize import DTYPES, FORMAT, apply_plan, set_output_quantization
+
+WEIGHTS_FILE = "model.safetensors"
+MAP_FILE = "quant_map.json"
+
+
+def _storage_state_dict(model: torch.nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
+    from optimum.quanto import QTensor
+
+    target = DTYPES[keep_dtype]
+    floats = {n for n, p in model.named_parameters() if not isinstance(p.data, QTensor) and p.is_floating_point()}
+    out = {}
+    for k, v in model.state_dict().items():
+        if v is None:  # quanto's affine-free norms; never produced by our plans, dropped to be safe
+            continue
+        v = v.detach().cpu().contiguous()
+        if k in floats and target.itemsize < v.dtype.itemsize:
+            low = v.to(target)
+            if torch.equal(low.to(v.dtype), v):  # lossless only: reload must be bit-identical
+                v = low
+        out[k] = v
+    return out
+
+
+def save_quantized(transformer: torch.nn.Module, directory: str | Path) -> Path:
+    """Write the quantized transformer to ``directory`` (replaced atomically); returns the directory."""
+    info = getattr(transformer, "qcache_quant", None)
+    if info is None:
+        raise QcacheError("save_quantized: the model was not quantized by qcache.quant.quantize_transformer")
+    directory = Path(directory)
+    qmap = {
+        **{k: v for k, v in info.items() if k != "ranges"},
+        "model_class": type(transformer).__name__,
+        "model_config": json.loads(transformer.to_json_string()),
+        "dtype": str(next(transformer.parameters()).dtype).removeprefix("torch."),
+        "ranges": info.get("ranges", {}),
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(_storage_state_dict(transformer, info["keep_dtype"]), str(tmp / WEIGHTS_FILE),
+                  metadata={"format": FORMAT})
+        (tmp / MAP_FILE).write_text(json.dumps(qmap, indent=2) + "\n")
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_quant_map(directory: str | Path) -> dict:
+    path = Path(directory) / MAP_FILE
+    try:
+        qmap = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QcacheError(f"load_quantized: cannot read {path}: {e}") from None
+    if qmap.get("format") != FORMAT:
+        raise QcacheError(f"load_quantized: {path} has format {qmap.get('format')!r}, expected {FORMAT!r}")
+    return qmap
+
+
+def _empty_base(qmap: dict) -> torch.nn.Module:
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, qmap["model_class"], None)
+    if cls is None:
+        raise QcacheError(f"load_quantized: unknown model class {qmap['model_class']!r}")
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (pos_embed) real
+        return cls.from_config(qmap["model_config"])
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give every meta parameter/buffer real (uninitialised) storage; real buffers are left untouched."""
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                m._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                m._buffers[name] = torch.empty_like(b, device=device)
+
+
+def load_quantized(directory: str | Path, base: Callable[[], torch.nn.Module] | torch.nn.Module | None = None,
+                   device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load what ``save_quantized`` wrote; outputs are bit-identical to the saved model's.
+
+    ``base`` builds the full-precision model skeleton (a callable or a module, whose weights are overwritten);
+    by default it is rebuilt from the saved diffusers config with empty weights.
+    """
+    directory = Path(directory)
+    qmap = read_quant_map(directory)
+    device = torch.device(device)
+    dtype = getattr(torch, qmap.get("dtype", "float32"))
+    model = base() if callable(base) and not isinstance(base, torch.nn.Module) else base
+    if model is None:
+        model = _empty_base(qmap)
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype)
+    plan = {n: {"weights": s["weights"], "activations": s["activations"]} for n, s in qmap["modules"].items()}
+    try:
+        apply_plan(model, plan)
+    except AttributeError as e:
+        raise QcacheError(f"load_quantized: the base model does not match {directory}: {e}") from None
+    _materialize(model, torch.device("cpu"))
+    set_output_quantization(model, {n: s["quantize_output"] for n, s in qmap["modules"].items()
+                                    if s["activations"] != "none"})
+    sd = load_file(str(directory / WEIGHTS_FILE))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise QcacheError(f"load_quantized: {directory / WEIGHTS_FILE} does not match the model: "
+                          f"{str(e).splitlines()[0]} {str(e).splitlines()[1:2]}") from None
+    loaded = model.state_dict()
+    bad = [k for k, v in sd.items() if k not in loaded or not torch.equal(loaded[k].to(v.dtype), v)]
+    if bad or set(loaded) - set(sd):
+        raise QcacheError(f"load_quantized: tensors differ from {directory / WEIGHTS_FILE} after loading: "
+                          f"{(bad or sorted(set(loaded) - set(sd)))[:3]}")
+    model = model.to(device).eval().requires_grad_(False)
+    model.qcache_quant = {k: v for k, v in qmap.items() if k not in ("model_config", "model_class", "dtype")}
+    return model
+
+
+def checkpoint_bytes(directory: str | Path) -> int:
+    """Total size of the files of a saved model directory."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
