@@ -67,9 +67,6 @@ def collect_pool(sampler: Sampler, n: int, seed: int, labels: torch.Tensor | Non
     The sampler's own hooks run as usual; the collector is appended last for the duration of the call.
     """
     collector = PoolCollector()
-    sampler.hooks.append(collector)
-    try:
+    with sampler.extra_hooks(collector):
         sampler.sample(n, seed=seed, labels=labels, progress=progress, desc="calibration pool")
-    finally:
-        sampler.hooks.remove(collector)
     return collector.to_dataset()

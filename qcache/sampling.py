@@ -18,8 +18,9 @@ by (seed, batch index), so the same seed gives bit-identical images.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -127,6 +128,16 @@ class Sampler:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
+
+    @contextlib.contextmanager
+    def extra_hooks(self, *hooks: SamplerHook) -> Iterator["Sampler"]:
+        """Run the block with ``hooks`` appended after the sampler's own, and take them off again, even on error."""
+        self.hooks.extend(hooks)
+        try:
+            yield self
+        finally:
+            for hook in hooks:
+                self.hooks.remove(hook)
 
     # ---- one step ------------------------------------------------------------------------------------------
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

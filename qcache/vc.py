@@ -83,15 +83,9 @@ def fit_vc(compressed: Sampler, reference: Sampler, noise: torch.Tensor, labels:
     """
     rec = _Record()
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - same DDPM noise for both runs
-    reference.hooks.append(rec)
-    try:
+    with reference.extra_hooks(rec):
         reference.denoise(noise, labels, gen())
-    finally:
-        reference.hooks.remove(rec)
     fit = _Fit(rec.trajectory, clamp)
-    compressed.hooks.append(fit)
-    try:
+    with compressed.extra_hooks(fit):
         compressed.denoise(noise, labels, gen())
-    finally:
-        compressed.hooks.remove(fit)
     return torch.stack(fit.factors)

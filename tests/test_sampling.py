@@ -101,3 +101,18 @@ def test_batching_covers_all_samples_and_noise_is_seeded():
     out = s.sample(7, progress=False)
     assert out.images.shape == (7, 1, 8, 8) and out.labels.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert torch.equal(make_noise(5, (1, 8, 8), 9), make_noise(5, (1, 8, 8), 9))
+
+
+def test_extra_hooks_are_removed_even_when_sampling_fails():
+    class Boom(SamplerHook):
+        def before_model(self, st):
+            raise RuntimeError("boom")
+
+    s = make_sampler(steps=2)
+    own = Recorder()
+    s.hooks.append(own)
+    with pytest.raises(RuntimeError, match="boom"):
+        with s.extra_hooks(Boom()):
+            assert len(s.hooks) == 2
+            s.sample(2, progress=False)
+    assert s.hooks == [own]

@@ -113,11 +113,10 @@ def main() -> None:
                 tau = res.tau
                 tune = {"tune_nfc": res.nfc, "tune_probes": len(res.probes), "tune_s": time.perf_counter() - t0}
             cache = attach_cache(sampler.transformer, cfg, tau=tau)
-            sampler.hooks.append(cache)
             try:
-                out, flops = executed_flops(lambda: sampler.sample(args.n, progress=False))
+                with sampler.extra_hooks(cache):
+                    out, flops = executed_flops(lambda: sampler.sample(args.n, progress=False))
             finally:
-                sampler.hooks.remove(cache)
                 cache.remove()
             stats = cache.stats.report()
             row = {"method": name, "target_nfc": target, "nfc": stats["nfc"], "tau": tau,

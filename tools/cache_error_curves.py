@@ -28,11 +28,10 @@ from qcache.sampling import Sampler  # noqa: E402
 def curves(sampler: Sampler, cfg: CacheConfig, n: int, seed: int, full_steps=None, tau=None) -> dict:
     cache = attach_cache(sampler.transformer, cfg, tau=tau, full_steps=full_steps)
     cache.record_errors()
-    sampler.hooks.append(cache)
     try:
-        sampler.sample(n, seed=seed, progress=False)
+        with sampler.extra_hooks(cache):
+            sampler.sample(n, seed=seed, progress=False)
     finally:
-        sampler.hooks.remove(cache)
         cache.remove()
     return {"full_steps": cache.stats.generations[-1].full_steps, "errors": cache.errors}
 

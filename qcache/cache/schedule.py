@@ -151,11 +151,10 @@ def tune_tau(sampler: Sampler, cfg: CacheConfig, target_nfc: float, n: int | Non
 
     def probe(tau: float) -> float:
         cache = attach_cache(sampler.transformer, cfg, tau=tau)
-        sampler.hooks.append(cache)
         try:
-            sampler.sample(n, seed=seed, progress=False)
+            with sampler.extra_hooks(cache):
+                sampler.sample(n, seed=seed, progress=False)
         finally:
-            sampler.hooks.remove(cache)
             cache.remove()
         nfc = cache.stats.mean_nfc()
         probes.append((tau, nfc, record_schedule(cache, sampler, tau=tau)))
