@@ -1,7 +1,21 @@
 """qcache: post-training quantization + relational feature caching + variance compensation for diffusion transformers."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 from .errors import QcacheError  # noqa: E402
 
-__all__ = ["QcacheError", "__version__"]
+
+def load(path, device: str = "auto"):
+    """Load a compressed artifact (or a ``qcache.compress`` output directory) as a ``CompressedModel``.
+
+    The checksums of every file are verified first; ``.generate(n, seed=...)`` then samples with quantization,
+    the cache schedule and variance compensation active.
+    """
+    from .artifact import load_artifact
+
+    return load_artifact(path, device=device)
+
+
+__all__ = ["QcacheError", "__version__", "load"]

@@ -108,3 +108,102 @@ def verify_artifact(root: Path) -> dict:
         if sha256_file(p) != digest:
             raise ArtifactError(f"artifact: checksum mismatch for {p} (the file was modified or is corrupt)")
     return manifest
+
+
+# ---- the compressed model's files ------------------------------------------------------------------------------
+RECIPE_FILE = "recipe.yaml"
+TRANSFORMER_DIR = "transformer"
+SCHEDULER_FILE = "scheduler_config.json"
+SCHEDULE_FILE = "cache_schedule.json"
+VC_FILE = "vc_factors.safetensors"
+
+
+def write_artifact(final: str | Path, compressed, recipe, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``compressed`` (a ``CompressedModel``) with its resolved recipe and ``extra_files`` (relative path ->
+    bytes: report, plots) as an artifact directory at ``final``, atomically; returns ``final``."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from .quant import save_quantized
+    from .recipe import recipe_to_dict
+
+    final = Path(final)
+    with staging_dir(final) as tmp:
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        save_quantized(compressed.transformer, tmp / TRANSFORMER_DIR)
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(compressed.scheduler_config, indent=2, default=str) + "\n")
+        if compressed.schedule is not None:
+            (tmp / SCHEDULE_FILE).write_text(json.dumps(compressed.schedule.to_dict(), indent=2) + "\n")
+        if compressed.vc_factors is not None:
+            save_file({"factors": compressed.vc_factors.float().contiguous()}, str(tmp / VC_FILE),
+                      metadata={"format": "qcache-vc/1"})
+        for rel, data in (extra_files or {}).items():
+            p = tmp / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        components = {
+            "quant": compressed.transformer.qcache_quant.get("preset"),
+            "cache": compressed.schedule.policy if compressed.schedule is not None else "none",
+            "nfc": compressed.nfc,
+            "steps": compressed.sampling.steps,
+            "sampler": compressed.sampling.scheduler,
+            "vc": compressed.vc_factors is not None,
+        }
+        write_manifest(tmp, compressed.source, {"components": components})
+    return final
+
+
+def resolve_artifact(path: str | Path) -> Path:
+    """The artifact directory for ``path``: the directory itself, or its ``artifact/`` (a compress output dir)."""
+    p = Path(path)
+    if not (p / MANIFEST).exists() and (p / "artifact" / MANIFEST).exists():
+        return p / "artifact"
+    return p
+
+
+def load_artifact(path: str | Path, device: str = "auto"):
+    """Verify and load an artifact (or a compress output directory) into a ``CompressedModel``."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from .cache import StaticSchedule
+    from .compressed import CompressedModel
+    from .models.loading import resolve_device
+    from .quant import load_quantized
+    from .recipe import RecipeError, recipe_from_dict
+
+    root = resolve_artifact(path)
+    manifest = verify_artifact(root)
+    listed = set(manifest["files"])
+    for required in (RECIPE_FILE, SCHEDULER_FILE, f"{TRANSFORMER_DIR}/quant_map.json"):
+        if required not in listed:
+            raise ArtifactError(f"artifact: {root / required} is not listed in the manifest (incomplete artifact)")
+    try:
+        recipe = recipe_from_dict(yaml.safe_load((root / RECIPE_FILE).read_text()))
+    except (RecipeError, yaml.YAMLError) as e:
+        raise ArtifactError(f"artifact: {root / RECIPE_FILE} is not a valid recipe: {e}") from None
+    try:
+        scheduler_config = json.loads((root / SCHEDULER_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"artifact: {root / SCHEDULER_FILE} is not valid JSON: {e}") from None
+    schedule = None
+    if SCHEDULE_FILE in listed:
+        try:
+            schedule = StaticSchedule.from_dict(json.loads((root / SCHEDULE_FILE).read_text()),
+                                                where=f"artifact: {root / SCHEDULE_FILE}")
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"artifact: {root / SCHEDULE_FILE} is not valid JSON: {e}") from None
+    factors = None
+    if VC_FILE in listed:
+        try:
+            factors = load_file(str(root / VC_FILE))["factors"]
+        except Exception as e:  # safetensors raises its own error types
+            raise ArtifactError(f"artifact: cannot read {root / VC_FILE}: {str(e).splitlines()[0]}") from None
+    dev = resolve_device(recipe.model.device if device == "auto" else device)
+    transformer = load_quantized(root / TRANSFORMER_DIR, device=dev)
+    if factors is not None and factors.shape[0] != recipe.sampling.steps:
+        raise ArtifactError(f"artifact: {root / VC_FILE} has {factors.shape[0]} steps, the recipe samples "
+                            f"{recipe.sampling.steps}")
+    return CompressedModel(transformer, scheduler_config, recipe.sampling, recipe.cache, schedule, factors,
+                           source=manifest.get("base_model", ""), info={"manifest": manifest, "path": str(root),
+                                                                        "recipe": recipe})

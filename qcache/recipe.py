@@ -155,6 +155,17 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class VcConfig:
+    """Variance compensation (qcache.vc): per-step, per-channel factors fitted against the FP trajectory."""
+
+    enabled: bool = True
+    samples: int = _f(64, ge=2)  # images of the fitting batch
+    seed: int = _f(2, ge=0)  # its noise seed (keep it apart from sampling.seed and the other calibration seeds)
+    clamp_min: float = _f(0.5, gt=0.0, le=1.0)  # factors are clamped to [clamp_min, clamp_max]
+    clamp_max: float = _f(1.5, ge=1.0, le=10.0)  # (the ranges keep K = 1, the identity, always allowed)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole recipe. ``model`` is required; the other sections have defaults."""
 
@@ -165,12 +176,11 @@ class Recipe:
     cache: CacheConfig = field(default_factory=CacheConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    vc: VcConfig = field(default_factory=VcConfig)
 
 
 # Sections a recipe may name that a later stage of qcache implements; until then they are refused.
-UNSUPPORTED_SECTIONS: dict[str, str] = {
-    "vc": "variance compensation",
-}
+UNSUPPORTED_SECTIONS: dict[str, str] = {}
 
 
 def _type_name(tp: Any) -> str:

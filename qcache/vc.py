@@ -75,17 +75,34 @@ class _Fit(SamplerHook):
         return compensate(state.latents, k)
 
 
+def record_trajectory(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """x_t after every step of one ``sampler`` run from ``noise`` (its own hooks active)."""
+    rec = _Record()
+    with sampler.extra_hooks(rec):
+        sampler.denoise(noise, labels, torch.Generator().manual_seed(seed))
+    return rec.trajectory
+
+
+def fit_vc_to_trajectory(compressed: Sampler, reference: list[torch.Tensor], noise: torch.Tensor,
+                         labels: torch.Tensor, clamp: tuple[float, float] = DEFAULT_CLAMP,
+                         seed: int = 0) -> torch.Tensor:
+    """Fit K (steps, C) for ``compressed`` against a recorded reference trajectory from the same noise and labels."""
+    fit = _Fit(reference, clamp)
+    with compressed.extra_hooks(fit):
+        compressed.denoise(noise, labels, torch.Generator().manual_seed(seed))
+    return torch.stack(fit.factors)
+
+
 def fit_vc(compressed: Sampler, reference: Sampler, noise: torch.Tensor, labels: torch.Tensor,
            clamp: tuple[float, float] = DEFAULT_CLAMP, seed: int = 0) -> torch.Tensor:
     """Fit K (steps, C) for ``compressed`` against ``reference`` on one batch from the same noise and labels.
 
     ``compressed`` keeps its own hooks (cache, ...); the fitting hook runs after them. Neither sampler is changed.
     """
-    rec = _Record()
-    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - same DDPM noise for both runs
-    with reference.extra_hooks(rec):
-        reference.denoise(noise, labels, gen())
-    fit = _Fit(rec.trajectory, clamp)
-    with compressed.extra_hooks(fit):
-        compressed.denoise(noise, labels, gen())
-    return torch.stack(fit.factors)
+    ref = record_trajectory(reference, noise, labels, seed)  # same DDPM noise for both runs
+    return fit_vc_to_trajectory(compressed, ref, noise, labels, clamp, seed)
+
+
+def trajectory_error(trajectory: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
+    """Relative L2 error ‖x_t − x′_t‖ / ‖x′_t‖ per step, over the whole batch."""
+    return [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(trajectory, reference)]

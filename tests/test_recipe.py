@@ -76,10 +76,22 @@ def test_bad_values_name_key_and_value(data, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("section", ["vc"])
-def test_unimplemented_sections_are_refused(section):
-    with pytest.raises(RecipeError, match=f"^{section}: .* not supported yet"):
-        recipe_from_dict({"model": {}, section: {}})
+def test_unknown_section_is_refused():
+    with pytest.raises(RecipeError, match=r"^vcc: unknown section \(known: .*vc"):
+        recipe_from_dict({"model": {}, "vcc": {}})
+
+
+def test_vc_section():
+    r = recipe_from_dict({"model": {}, "vc": {"samples": 16, "clamp_min": 0.8, "clamp_max": 1.2}})
+    assert (r.vc.enabled, r.vc.samples, r.vc.clamp_min, r.vc.clamp_max) == (True, 16, 0.8, 1.2)
+    for vc, msg in (({"clamp_min": 1.2}, "vc.clamp_min: must be <= 1.0, got 1.2"),
+                    ({"clamp_max": 0.9}, "vc.clamp_max: must be >= 1.0, got 0.9"),
+                    ({"clamp_min": 0.0}, "vc.clamp_min: must be > 0.0, got 0.0"),
+                    ({"samples": 1}, "vc.samples: must be >= 2, got 1"),
+                    ({"enabled": 1}, "vc.enabled: must be true or false, got 1")):
+        with pytest.raises(RecipeError) as e:
+            recipe_from_dict({"model": {}, "vc": vc})
+        assert str(e.value) == msg
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path):

@@ -1,0 +1,215 @@
+"""The compress pipeline's stages as plain functions: each takes what the one before produced and returns its own.
+
+    pool = build_pool(recipe, fp, sched)                       cache-aware calibration pool (FP weights, cache on)
+    selection = select_calibration(recipe, pool)               random | kmeans | tap
+    qmodel = quantize_model(recipe, fp, sched, selection)      a quantized copy; ``fp`` is left untouched
+    schedule, info = cache_schedule(recipe, qmodel, sched)     tau for the target NFC -> static full-step mask
+    factors, curves = fit_variance_compensation(...)           VC against the FP trajectory, per-step errors
+    metrics = evaluate_pair(...)                               both models on the same noise, latency in one run
+
+``qcache.compress`` runs them in order, keeping every product on disk so that a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable
+
+import torch
+
+from .compressed import CompressedModel
+from .evaluate import flops_per_image, quality_metrics, time_sampling
+from .metrics import compare_sets
+from .recipe import Recipe
+from .sampling import Sampler, SampleSet, default_labels, make_noise
+
+Log = Callable[[str], None]
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def needs_calibration(recipe: Recipe, fp: torch.nn.Module) -> bool:
+    """Whether the quant preset (with its overrides) quantizes any activation, i.e. needs calibration data."""
+    from .quant import plan_quantization
+
+    return any(s["activations"] != "none" for s in plan_quantization(fp, recipe.quant).values())
+
+
+def has_cache(recipe: Recipe) -> bool:
+    return recipe.cache.policy != "none"
+
+
+# ---- calibration ---------------------------------------------------------------------------------------------
+def build_pool(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, progress: bool = False):
+    """The calibration pool: model inputs of the full steps along trajectories sampled with the recipe's cache."""
+    from calibration.collect import collect_for_recipe
+
+    pool, cache = collect_for_recipe(recipe, progress=progress, transformer=fp, scheduler_config=scheduler_config)
+    info = {"rows": len(pool), "images": recipe.calibration.pool_images,
+            "cache": recipe.cache.policy if cache is not None else "none"}
+    if cache is not None:
+        info["mean_nfc"] = cache.stats.mean_nfc()
+    return pool, info
+
+
+def select_calibration(recipe: Recipe, pool):
+    """The calibration set picked from ``pool`` by the recipe's selector."""
+    from calibration.select import select_from_config
+
+    return select_from_config(pool, recipe.calibration)
+
+
+# ---- quantization ----------------------------------------------------------------------------------------------
+def quantize_model(recipe: Recipe, fp: torch.nn.Module, selection=None) -> torch.nn.Module:
+    """A quantized copy of ``fp`` per ``recipe.quant``, activation ranges observed on ``selection``."""
+    from .quant import quantize_transformer
+
+    model = copy.deepcopy(fp)
+    return quantize_transformer(model, recipe.quant, selection, guidance=recipe.sampling.guidance_scale > 1.0)
+
+
+# ---- cache schedule --------------------------------------------------------------------------------------------
+def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dict):
+    """The static full-step schedule of the recipe's cache on ``model``: replayed, tuned to target_nfc, or recorded.
+
+    Returns (schedule or None without a cache, info with tau and the tuning probes).
+    """
+    from .cache import StaticSchedule, attach_cache, record_schedule, tune_tau
+
+    cfg = recipe.cache
+    if cfg.policy == "none":
+        return None, {"policy": "none"}
+    sampler = Sampler(model, scheduler_config, recipe.sampling)
+    if cfg.schedule is not None:
+        schedule = StaticSchedule.load(cfg.schedule)
+        schedule.check(sampler)
+        return schedule, {"policy": schedule.policy, "source": cfg.schedule, "tau": schedule.params.get("tau")}
+    if cfg.policy == "rfc" and cfg.rcs and cfg.tau is None:
+        tuned = tune_tau(sampler, cfg, cfg.target_nfc)
+        return tuned.schedule, {"policy": cfg.policy, "tau": tuned.tau, "tune_nfc": tuned.nfc,
+                                "probes": [list(p) for p in tuned.probes]}
+    cache = attach_cache(model, cfg, tau=cfg.tau)
+    try:
+        with sampler.extra_hooks(cache):
+            sampler.sample(cfg.tune_samples, seed=cfg.tune_seed, progress=False)
+    finally:
+        cache.remove()
+    return record_schedule(cache, sampler, tau=cfg.tau), {"policy": cfg.policy, "tau": cfg.tau}
+
+
+# ---- variance compensation -------------------------------------------------------------------------------------
+def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: torch.nn.Module,
+                              scheduler_config: dict) -> tuple[torch.Tensor | None, dict]:
+    """VC factors for ``compressed`` (fitted with its cache replaying) and per-step errors against the FP trajectory.
+
+    Returns (factors or None when ``vc.enabled`` is false, curves: relative L2 error of x_t per step without and
+    with the factors, on the fitting batch).
+    """
+    from .vc import fit_vc_to_trajectory, record_trajectory, trajectory_error
+
+    v = recipe.vc
+    noise = make_noise(v.samples, Sampler(fp, scheduler_config, recipe.sampling).sample_shape, v.seed)
+    labels = default_labels(v.samples, int(fp.config.num_embeds_ada_norm))
+    reference = record_trajectory(Sampler(fp, scheduler_config, recipe.sampling), noise, labels, v.seed)
+    with compressed.sampler(vc=False) as s:
+        plain = record_trajectory(s, noise, labels, v.seed)
+        factors = None
+        if v.enabled:
+            factors = fit_vc_to_trajectory(s, reference, noise, labels, (v.clamp_min, v.clamp_max), v.seed)
+    curves = {"without_vc": trajectory_error(plain, reference)}
+    if factors is not None:
+        with dataclasses.replace(compressed, vc_factors=factors).sampler() as s:
+            curves["with_vc"] = trajectory_error(record_trajectory(s, noise, labels, v.seed), reference)
+    return factors, curves
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+def reference_samples(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict,
+                      progress: bool = False) -> tuple[SampleSet, dict]:
+    """The FP model's ``eval.n`` samples (the reference every compressed image is compared with) and its quality."""
+    sampler = Sampler(fp, scheduler_config, recipe.sampling)
+    samples = sampler.sample(recipe.eval.n, progress=progress, desc="full precision")
+    return samples, quality_metrics(samples)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Size of ``model``'s state dict as one safetensors file (the FP baseline of the size ratio)."""
+    from safetensors.torch import save
+
+    return len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+
+def evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, compressed: CompressedModel,
+                  reference: SampleSet, reference_quality: dict, compressed_bytes: int,
+                  progress: bool = False) -> dict:
+    """Metrics of the FP and compressed models on the same noise; latencies measured here, in one run."""
+    e = recipe.eval
+    n_lat = min(e.latency_samples, e.n)
+    fp_sampler = Sampler(fp, scheduler_config, recipe.sampling)
+    fp_bytes = model_bytes(fp)
+    fp_latency = time_sampling(fp_sampler, n_lat, e.latency_repeats)
+    fp_flops = flops_per_image(fp_sampler)
+    with compressed.sampler() as s:
+        samples = s.sample(e.n, progress=progress, desc="compressed")
+        c_latency = time_sampling(s, n_lat, e.latency_repeats)
+    # FLOPs count multiply-adds whatever their precision (quanto's int8 kernels are opaque to torch's counter):
+    # the compressed model's are those of the FP weights on the same cache schedule
+    with dataclasses.replace(compressed, transformer=fp, vc_factors=None).sampler() as s:
+        c_flops = flops_per_image(s)
+    fp_row = {"nfc": recipe.sampling.steps, "flops_per_image": fp_flops, "flops_ratio": 1.0,
+              "latency_s": fp_latency, "latency_ratio": 1.0, "size_bytes": fp_bytes, "size_ratio": 1.0,
+              **{k: v for k, v in compare_sets(reference.images, reference.images).items() if k != "ssim"},
+              **reference_quality}
+    cmp = compare_sets(reference.images, samples.images)
+    c_row = {"nfc": compressed.nfc, "flops_per_image": c_flops, "flops_ratio": fp_flops / max(c_flops, 1),
+             "latency_s": c_latency, "latency_ratio": fp_latency / c_latency, "size_bytes": compressed_bytes,
+             "size_ratio": fp_bytes / compressed_bytes, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"],
+             "ssim": cmp["ssim"], **quality_metrics(samples)}
+    return {"n": e.n, "latency_samples": n_lat, "latency_repeats": e.latency_repeats,
+            "full_precision": fp_row, "compressed": c_row, "_samples": samples}
+
+
+SWEEP_TAU_FACTORS = (0.0, 0.1, 0.3, 1.0, 2.5)
+SWEEP_NFCS = (50, 25, 17, 14, 10, 8)
+
+
+def quality_sweep(recipe: Recipe, compressed: CompressedModel, reference: SampleSet, tau: float | None,
+                  n: int = 200, progress: bool = False) -> list[dict]:
+    """FID-to-FP and PSNR of the quantized model (VC off) at several cache settings: quality against NFC.
+
+    RCS runs live at multiples of the tuned tau; fixed schedules at a list of NFCs. Images: the first ``n`` of the
+    reference noise.
+    """
+    from .cache import attach_cache
+
+    cfg, steps = compressed.cache, compressed.sampling.steps
+    if compressed.schedule is None or cfg.policy == "none":
+        return []
+    n = min(n, len(reference.images))
+    if cfg.policy == "rfc" and cfg.rcs and tau:
+        settings = [dict(tau=tau * f) for f in SWEEP_TAU_FACTORS]
+    else:
+        settings = [dict(nfc=k) for k in sorted({steps, *[k for k in SWEEP_NFCS if cfg.warmup <= k < steps]},
+                                                 reverse=True)]
+    points = []
+    sampler = Sampler(compressed.transformer, compressed.scheduler_config, compressed.sampling)
+    noise = make_noise(len(reference.images), sampler.sample_shape, compressed.sampling.seed)[:n]
+    for st in settings:
+        if "tau" in st:
+            cache = attach_cache(compressed.transformer, dataclasses.replace(cfg, target_nfc=None), tau=st["tau"])
+        else:
+            fixed = dict(rcs=False) if cfg.policy == "rfc" else {}
+            cache = attach_cache(compressed.transformer, dataclasses.replace(cfg, target_nfc=st["nfc"], **fixed))
+        try:
+            with sampler.extra_hooks(cache):
+                out = sampler.sample(n, labels=reference.labels[:n], noise=noise, progress=progress,
+                                     desc="quality sweep")
+        finally:
+            cache.remove()
+        nfc = cache.stats.mean_nfc()
+        cmp = compare_sets(reference.images[:n], out.images)
+        points.append({**st, "nfc": nfc, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"], "n": n})
+    return points
