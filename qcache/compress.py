@@ -132,7 +132,7 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
     k_pool = stage_key(model=R["model"], sampling=R["sampling"], cache=R["cache"],
                        pool={k: R["calibration"][k] for k in ("pool_images", "pool_seed", "cache_aware")})
     k_sel = stage_key(pool=k_pool, calibration=R["calibration"])
-    selection = None
+    selection, tau_guess = None, None
     calibrate = needs_calibration(recipe, fp)
     if calibrate:
         def build_pool_stage(tmp: Path) -> dict:
@@ -144,6 +144,7 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
         res = run(1, "pool", k_pool, build_pool_stage,
                   lambda i: f"{i['rows']} rows from {i['images']} images (cache {i['cache']})")
         pool = box["pool"] if "pool" in box else load_from_disk(str(res.path / "pool"))
+        tau_guess = res.info.get("tau")
 
         def build_selection_stage(tmp: Path) -> dict:
             sel = select_calibration(recipe, pool)
@@ -183,7 +184,7 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
     k_s = stage_key(quantized=k_q, cache=R["cache"], sampling=R["sampling"])
 
     def build_schedule_stage(tmp: Path) -> dict:
-        schedule, info = cache_schedule(recipe, qmodel, sched)
+        schedule, info = cache_schedule(recipe, qmodel, sched, tau_guess)
         if schedule is not None:
             schedule.save(tmp / "cache_schedule.json")
         return {**info, "nfc": schedule.nfc if schedule else recipe.sampling.steps,

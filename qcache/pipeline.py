@@ -52,6 +52,7 @@ def build_pool(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, prog
             "cache": recipe.cache.policy if cache is not None else "none"}
     if cache is not None:
         info["mean_nfc"] = cache.stats.mean_nfc()
+        info["tau"] = getattr(cache.policy, "tau", None)
     return pool, info
 
 
@@ -72,10 +73,11 @@ def quantize_model(recipe: Recipe, fp: torch.nn.Module, selection=None) -> torch
 
 
 # ---- cache schedule --------------------------------------------------------------------------------------------
-def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dict):
+def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dict, tau_guess: float | None = None):
     """The static full-step schedule of the recipe's cache on ``model``: replayed, tuned to target_nfc, or recorded.
 
-    Returns (schedule or None without a cache, info with tau and the tuning probes).
+    ``tau_guess`` starts the tau search (the FP model's tau from the pool stage is a close guess). Returns
+    (schedule or None without a cache, info with tau and the tuning probes).
     """
     from .cache import StaticSchedule, attach_cache, record_schedule, tune_tau
 
@@ -88,7 +90,7 @@ def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dic
         schedule.check(sampler)
         return schedule, {"policy": schedule.policy, "source": cfg.schedule, "tau": schedule.params.get("tau")}
     if cfg.policy == "rfc" and cfg.rcs and cfg.tau is None:
-        tuned = tune_tau(sampler, cfg, cfg.target_nfc)
+        tuned = tune_tau(sampler, cfg, cfg.target_nfc, start=tau_guess)
         return tuned.schedule, {"policy": cfg.policy, "tau": tuned.tau, "tune_nfc": tuned.nfc,
                                 "probes": [list(p) for p in tuned.probes]}
     cache = attach_cache(model, cfg, tau=cfg.tau)
@@ -172,12 +174,12 @@ def evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, c
             "full_precision": fp_row, "compressed": c_row, "_samples": samples}
 
 
-SWEEP_TAU_FACTORS = (0.0, 0.1, 0.3, 1.0, 2.5)
+SWEEP_TAU_FACTORS = (0.0, 0.3, 1.0, 2.5)
 SWEEP_NFCS = (50, 25, 17, 14, 10, 8)
 
 
 def quality_sweep(recipe: Recipe, compressed: CompressedModel, reference: SampleSet, tau: float | None,
-                  n: int = 200, progress: bool = False) -> list[dict]:
+                  n: int = 100, progress: bool = False) -> list[dict]:
     """FID-to-FP and PSNR of the quantized model (VC off) at several cache settings: quality against NFC.
 
     RCS runs live at multiples of the tuned tau; fixed schedules at a list of NFCs. Images: the first ``n`` of the

@@ -222,3 +222,18 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(model_dir: Path, tmp_pat
     assert p.returncode == 2 and p.stderr.strip().startswith("error: model.source")
     assert len(p.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_tau_search_from_a_guess_finds_the_target_with_fewer_probes():
+    from qcache.cache import tune_tau
+    from qcache.recipe import CacheConfig, SamplingConfig
+    from qcache.sampling import Sampler
+
+    s = Sampler(tiny_dit(), SCHEDULER_CONFIG, SamplingConfig(steps=20, batch_size=8))
+    cfg = CacheConfig(policy="rfc", target_nfc=8, tune_samples=4)
+    cold = tune_tau(s, cfg, 8)
+    for guess in (cold.tau, cold.tau * 3, cold.tau / 3):
+        warm = tune_tau(s, cfg, 8, start=guess)
+        assert abs(warm.nfc - 8) <= 0.5 and warm.schedule.nfc == round(warm.nfc)
+        assert warm.probes[0][0] == guess
+    assert len(tune_tau(s, cfg, 8, start=cold.tau).probes) == 1 < len(cold.probes)

@@ -131,13 +131,15 @@ class TuneResult:
 
 
 def tune_tau(sampler: Sampler, cfg: CacheConfig, target_nfc: float, n: int | None = None, seed: int | None = None,
-             tol: float = 0.5, max_iter: int = 40) -> TuneResult:
+             tol: float = 0.5, max_iter: int = 40, start: float | None = None) -> TuneResult:
     """Find tau so that RCS's mean NFC on a calibration batch is within ``tol`` of ``target_nfc``.
 
     NFC falls as tau grows (tau = 0: every step full), so: double tau until NFC <= target, then bisect (in log
     space) between the last tau above and the first below. The calibration batch is ``n`` images of noise ``seed``
-    (default ``cfg.tune_samples`` and ``cfg.tune_seed``); other hooks of the sampler stay active. Raises QcacheError
-    when no tau comes within ``tol``; the closest probe is in the message.
+    (default ``cfg.tune_samples`` and ``cfg.tune_seed``); other hooks of the sampler stay active. ``start`` is a
+    first guess (e.g. the tau tuned on the full-precision model before quantizing it): the search then doubles or
+    halves from there, which usually needs far fewer probes. Raises QcacheError when no tau comes within ``tol``;
+    the closest probe is in the message.
     """
     steps = sampler.config.steps
     if not cfg.warmup <= target_nfc <= steps:
@@ -164,14 +166,28 @@ def tune_tau(sampler: Sampler, cfg: CacheConfig, target_nfc: float, n: int | Non
         tau, nfc, sched = min(probes, key=lambda p: (abs(p[1] - target_nfc), -p[0]))
         return TuneResult(tau, nfc, sched, [(p[0], p[1]) for p in probes])
 
-    lo, hi = 0.0, 1e-3
-    for _ in range(max_iter):
-        nfc = probe(hi)
-        if abs(nfc - target_nfc) <= tol:
-            return result()
-        if nfc < target_nfc:
-            break
-        lo, hi = hi, hi * 4
+    guided = start is not None and start > 0
+    lo, hi, grow = 0.0, (start if guided else 1e-3), (2.0 if guided else 4.0)
+    nfc = probe(hi)
+    if abs(nfc - target_nfc) <= tol:
+        return result()
+    if guided and nfc < target_nfc:  # too few full steps at the guess: halve tau until NFC is above the target
+        for _ in range(max_iter):
+            nfc = probe(hi / 2)
+            if abs(nfc - target_nfc) <= tol:
+                return result()
+            if nfc > target_nfc:
+                lo = hi / 2
+                break
+            hi = hi / 2
+    else:  # too many: grow tau until NFC is below the target
+        for _ in range(max_iter):
+            if nfc < target_nfc:
+                break
+            lo, hi = hi, hi * grow
+            nfc = probe(hi)
+            if abs(nfc - target_nfc) <= tol:
+                return result()
     for _ in range(max_iter):
         mid = math.sqrt(lo * hi) if lo > 0 else hi / 4
         nfc = probe(mid)
