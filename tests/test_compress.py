@@ -237,3 +237,19 @@ def test_tau_search_from_a_guess_finds_the_target_with_fewer_probes():
         assert abs(warm.nfc - 8) <= 0.5 and warm.schedule.nfc == round(warm.nfc)
         assert warm.probes[0][0] == guess
     assert len(tune_tau(s, cfg, 8, start=cold.tau).probes) == 1 < len(cold.probes)
+
+
+def test_weights_only_without_cache_or_vc_skips_what_it_does_not_need(model_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    recipe = recipe_from_dict(tiny_recipe(model_dir, out, quant={"preset": "W8"}, cache={"policy": "none"},
+                                          vc={"enabled": False}))
+    lines: list[str] = []
+    res = compress(recipe, out, progress=False, log=lines.append)
+    assert any(line.startswith("[1/8] pool: skipped") for line in lines)
+    assert not (out / "stages" / "pool").exists() and not (out / "stages" / "selection").exists()
+    files = set(json.loads((res.artifact / MANIFEST).read_text())["files"])
+    assert "cache_schedule.json" not in files and "vc_factors.safetensors" not in files
+    assert res.report["compressed"]["nfc"] == 8 and res.report["quality_vs_nfc"] == []
+    loaded = qcache.load(res.artifact)
+    assert loaded.schedule is None and loaded.vc_factors is None
+    assert torch.equal(loaded.generate(3, seed=0).images, res.compressed.generate(3, seed=0).images)
