@@ -55,6 +55,25 @@ def time_sampling(sampler: Sampler, n: int, repeats: int, seed: int = 0) -> floa
     return statistics.median(times)
 
 
+def time_interleaved(samplers: list[Sampler], n: int, repeats: int, seed: int = 0) -> list[float]:
+    """Median wall time (s) of sampling n images with each sampler, their runs interleaved (A, B, A, B, ...).
+
+    On a shared machine the load drifts; interleaving exposes every sampler to the same drift, so the ratio of
+    two medians is far steadier than timing one sampler after the other.
+    """
+    for s in samplers:
+        s.sample(min(n, 2), seed=seed, progress=False)  # warm-up
+    times: list[list[float]] = [[] for _ in samplers]
+    for _ in range(repeats):
+        for s, ts in zip(samplers, times):
+            t0 = time.perf_counter()
+            s.sample(n, seed=seed, progress=False)
+            if s.device.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def flops_per_image(sampler: Sampler, seed: int = 0) -> int:
     """FLOPs of generating one image with every step of the loop (CFG doubles the model batch)."""
     return count_flops(lambda: sampler.sample(1, seed=seed, progress=False))

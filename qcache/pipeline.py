@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .compressed import CompressedModel
-from .evaluate import flops_per_image, quality_metrics, time_sampling
+from .evaluate import flops_per_image, quality_metrics, time_interleaved
 from .metrics import compare_sets
 from .recipe import Recipe
 from .sampling import Sampler, SampleSet, default_labels, make_noise
@@ -152,11 +152,10 @@ def evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, c
     n_lat = min(e.latency_samples, e.n)
     fp_sampler = Sampler(fp, scheduler_config, recipe.sampling)
     fp_bytes = model_bytes(fp)
-    fp_latency = time_sampling(fp_sampler, n_lat, e.latency_repeats)
     fp_flops = flops_per_image(fp_sampler)
     with compressed.sampler() as s:
         samples = s.sample(e.n, progress=progress, desc="compressed")
-        c_latency = time_sampling(s, n_lat, e.latency_repeats)
+        fp_latency, c_latency = time_interleaved([fp_sampler, s], n_lat, e.latency_repeats)
     # FLOPs count multiply-adds whatever their precision (quanto's int8 kernels are opaque to torch's counter):
     # the compressed model's are those of the FP weights on the same cache schedule
     with dataclasses.replace(compressed, transformer=fp, vc_factors=None).sampler() as s:

@@ -4,7 +4,7 @@
 
 Rows, each measured against the full-precision model from the same noise (FID-to-FP, PSNR) and against the data
 (FID, class accuracy), with its latency ratio (FP sampling time / the row's, measured in this run) and size ratio
-(FP safetensors bytes / the row's checkpoint):
+(FP safetensors bytes / the row's checkpoint); every row's latency is timed interleaved with the FP model's:
 
     fp                 full precision, every step
     ptq                W8A8, naive calibration (random over timesteps from an uncached pool), no cache
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcache.cli import write_json  # noqa: E402
 from qcache.compressed import CompressedModel  # noqa: E402
-from qcache.evaluate import quality_metrics, time_sampling  # noqa: E402
+from qcache.evaluate import quality_metrics, time_interleaved  # noqa: E402
 from qcache.metrics import compare_sets  # noqa: E402
 from qcache.models import load_model  # noqa: E402
 from qcache.pipeline import (build_pool, cache_schedule, fit_variance_compensation, model_bytes,  # noqa: E402
@@ -104,11 +104,13 @@ class Ablation:
         with cm.sampler() as s:
             out = s.sample(e.n, progress=False)
             took = time.perf_counter() - t0
-            latency = time_sampling(s, min(e.latency_samples, e.n), e.latency_repeats)
+            fp_latency, latency = time_interleaved([self.fp_sampler, s], min(e.latency_samples, e.n),
+                                                   e.latency_repeats)
         cmp = compare_sets(self.reference.images, out.images)
         row = {"config": config, "nfc": cm.nfc, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"],
                "ssim": cmp["ssim"], **quality_metrics(out), "latency_s": latency,
-               "latency_ratio": self.fp_latency / latency, "size_ratio": self.fp_bytes / size, "size_bytes": size,
+               "latency_ratio": fp_latency / latency, "fp_latency_s": fp_latency, "size_ratio": self.fp_bytes / size,
+               "size_bytes": size,
                "schedule": list(cm.schedule.full_steps) if cm.schedule is not None else None,
                "vc": cm.vc_factors is not None, "sample_s": round(took, 2)}
         self.rows.append(row)
@@ -117,11 +119,10 @@ class Ablation:
     def run(self, tmp: str) -> list[dict]:
         self.tmp = tmp
         e = self.recipe.eval
-        fp_sampler = Sampler(self.fp, self.sched, self.recipe.sampling)
+        self.fp_sampler = Sampler(self.fp, self.sched, self.recipe.sampling)
         t0 = time.perf_counter()
-        self.reference = fp_sampler.sample(e.n, progress=False)
+        self.reference = self.fp_sampler.sample(e.n, progress=False)
         log(f"FP reference: {e.n} images in {time.perf_counter() - t0:.1f}s")
-        self.fp_latency = time_sampling(fp_sampler, min(e.latency_samples, e.n), e.latency_repeats)
         plain = CompressedModel(self.fp, self.sched, self.recipe.sampling, CacheConfig())
         self.measure("fp", plain, self.fp_bytes)
 
