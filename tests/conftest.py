@@ -44,3 +44,16 @@ def run_module(*args: str, cwd: Path | None = None, timeout: int = 300) -> subpr
     """Run ``python -m ...`` as a user would, capturing output."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def cli_error(p: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line of a failed qcache command (exit 2, no traceback), which ends its stderr.
+
+    Lines before it can only be third-party import noise (e.g. a torchao build that does not match torch).
+    """
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], p.stderr
+    return errors[0]

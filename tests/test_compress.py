@@ -18,7 +18,7 @@ import qcache
 from qcache.artifact import ArtifactError, MANIFEST
 from qcache.compress import compress
 from qcache.recipe import recipe_from_dict
-from tests.conftest import REPO, SCHEDULER_CONFIG, run_module, tiny_dit
+from tests.conftest import REPO, SCHEDULER_CONFIG, cli_error, run_module, tiny_dit
 
 METRICS = ("nfc", "flops_ratio", "latency_ratio", "size_ratio", "fid_to_fp", "fid_data", "class_accuracy", "psnr")
 
@@ -135,8 +135,7 @@ def test_tampered_file_is_refused(run, tmp_path: Path, target, message):
     if target.startswith("transformer"):  # the command line says it in one line, exit 2, and writes nothing
         png = tmp_path / "g.png"
         cli = run_module("qcache.generate", str(art), "--n", "2", "--out", str(png))
-        assert cli.returncode == 2 and cli.stderr.strip().startswith("error: artifact: checksum mismatch")
-        assert len(cli.stderr.strip().splitlines()) == 1 and not png.exists()
+        assert cli_error(cli).startswith("error: artifact: checksum mismatch") and not png.exists()
 
 
 def test_missing_file_and_unknown_version_are_refused(run, tmp_path: Path):
@@ -170,7 +169,7 @@ def test_generate_cli_writes_the_grid(run, tmp_path: Path):
     expected = res.compressed.generate(4, labels=torch.full((4,), 3), seed=0)
     assert torch.equal(saved["images"], expected.images)
     bad = run_module("qcache.generate", str(res.artifact), "--class", "10", "--out", str(tmp_path / "b.png"))
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --class: must be in [0, 9] for this model, got 10"
+    assert cli_error(bad) == "error: --class: must be in [0, 9] for this model, got 10"
 
 
 def test_rerun_reuses_stages_and_a_changed_section_recomputes_downstream(run, model_dir: Path):
@@ -216,11 +215,10 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(model_dir: Path, tmp_pat
     rpath = tmp_path / "r.yaml"
     rpath.write_text(yaml.safe_dump(tiny_recipe(model_dir, out, vc={"clamp_min": 2.0})))
     p = run_module("qcache.compress", str(rpath))
-    assert p.returncode == 2 and p.stderr.strip() == "error: vc.clamp_min: must be <= 1.0, got 2.0"
+    assert cli_error(p) == "error: vc.clamp_min: must be <= 1.0, got 2.0"
     rpath.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "no-such-model", out)))
     p = run_module("qcache.compress", str(rpath))
-    assert p.returncode == 2 and p.stderr.strip().startswith("error: model.source")
-    assert len(p.stderr.strip().splitlines()) == 1
+    assert cli_error(p).startswith("error: model.source")
     assert not out.exists()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import run_module
+from tests.conftest import cli_error, run_module
 
 
 def test_evaluate_cli_writes_metrics(tiny_model_dir: Path, tmp_path: Path):
@@ -32,4 +32,4 @@ def test_evaluate_cli_writes_metrics(tiny_model_dir: Path, tmp_path: Path):
 
 def test_evaluate_rejects_too_small_n(tmp_path: Path):
     p = run_module("qcache.evaluate", "recipes/digits.yaml", "--n", "1")
-    assert p.returncode == 2 and p.stderr.strip() == "error: --n: must be >= 2 (FID needs two samples), got 1"
+    assert cli_error(p) == "error: --n: must be >= 2 (FID needs two samples), got 1"
