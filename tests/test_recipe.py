@@ -20,8 +20,9 @@ def test_default_recipe_loads_with_expected_values():
     assert r.sampling.guidance_scale == 1.5
     assert recipe_to_dict(r)["sampling"]["steps"] == 50
     assert (r.cache.policy, r.cache.target_nfc, r.cache.tau, r.cache.rfe, r.cache.rcs) == ("rfc", 14, None, True, True)
-    assert (r.quant.preset, r.quant.observer, r.quant.overrides) == ("W8A8", "percentile", ())
+    assert (r.quant.preset, r.quant.observer, r.quant.overrides) == ("W8A8", "absmax", ())
     assert (r.calibration.selector, r.calibration.size, r.calibration.cache_aware) == ("tap", 256, True)
+    assert (r.vc.enabled, r.vc.samples, r.vc.clamp_min, r.vc.clamp_max) == (True, 64, 0.5, 1.5)
 
 
 def test_cache_section_defaults_and_values():
