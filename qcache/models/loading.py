@@ -142,12 +142,12 @@ def build_parts(transformer: torch.nn.Module, location: str, device: torch.devic
     if not family.text_conditioned and condition.prompts is not None:
         raise QcacheError(f"condition.prompts: {type(transformer).__name__} is class-conditional; use "
                           f"condition.classes instead")
-    conditioner = family.make_conditioner(transformer, location, condition, prompts, device, dtype)
     if vae is None:  # hub pipelines ship their VAE (checked on first use); local ones have a vae/ folder or none
         vae = not Path(location).is_dir() or (Path(location) / "vae" / "config.json").is_file()
     if not vae and family.needs_vae:
         raise QcacheError(f"model.source: {type(transformer).__name__} is a latent-space model but {location} has "
                           f"no vae/ folder")
+    conditioner = family.make_conditioner(transformer, location, condition, prompts, device, dtype)
     return ModelParts(family, conditioner, LazyVae(location, device, dtype) if vae else None)
 
 
