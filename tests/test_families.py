@@ -233,3 +233,19 @@ def test_bad_family_inputs_fail_in_one_line(pipes, tmp_path):
         load_parts(bare, ConditionConfig(prompts=str(pipes["prompts"])))
     with pytest.raises(QcacheError, match=r"^model: model class 'Linear' is not supported yet"):
         family_for(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["dit-xl-2-256", "pixart-alpha-512", "sd3-medium"])
+def test_shipped_recipes_validate_and_their_prompts_load(name):
+    from qcache.families.text import read_prompts
+    from qcache.recipe import load_recipe
+    from tests.conftest import REPO
+
+    r = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    if name.startswith("dit"):
+        assert r.model.source == "facebook/DiT-XL-2-256" and r.sampling.steps == 50 and r.sampling.guidance_scale == 4.0
+        assert len(set(r.condition.classes)) == len(r.condition.classes) >= 32 and max(r.condition.classes) < 1000
+    else:
+        ps = read_prompts(r.condition.prompts)
+        assert len(ps) == len(set(ps)) == 64 and all(len(p.split()) >= 4 for p in ps)
+        assert r.sampling.scheduler == ("flow-euler" if name.startswith("sd3") else "dpmsolver++")
