@@ -89,6 +89,14 @@ class CompressedModel:
             if cache is not None:
                 cache.remove()
 
+    def pipeline(self, mode: Mode = "static", vc: bool = True, **from_pretrained):
+        """The base model's diffusers pipeline (``DiTPipeline``, ``PixArtAlphaPipeline``, ...) around the quantized
+        transformer, with the cache and VC active; call it with ``num_inference_steps`` = the compressed steps.
+        See ``qcache.export.to_pipeline``."""
+        from .export import to_pipeline
+
+        return to_pipeline(self, mode, vc, **from_pretrained)
+
     def prompt_conditioner(self, prompts: list[str]):
         """A conditioner over ``prompts`` (ids 0..len-1), encoded with the base model's text encoders."""
         from .families import PromptConditioner

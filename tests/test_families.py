@@ -249,3 +249,31 @@ def test_shipped_recipes_validate_and_their_prompts_load(name):
         ps = read_prompts(r.condition.prompts)
         assert len(ps) == len(set(ps)) == 64 and all(len(p.split()) >= 4 for p in ps)
         assert r.sampling.scheduler == ("flow-euler" if name.startswith("sd3") else "dpmsolver++")
+
+
+@pytest.mark.parametrize("fam", ["dit", "pixart", "sd3"])
+def test_diffusers_pipeline_with_the_compressed_transformer_matches_generate(fam, pipes, runs, tmp_path_factory):
+    import numpy as np
+
+    from qcache.export import CompressedScheduler
+    from qcache.sampling import make_noise
+
+    model = qcache.load(compressed(fam, pipes, runs, tmp_path_factory).out)
+    ids = torch.tensor([207, 360]) if fam == "dit" else torch.tensor([0, 1])
+    ref = model.generate(2, labels=ids, seed=3).images
+    pipe = model.pipeline()
+    assert type(pipe).__name__ == model.info["manifest"]["pipeline_class"]
+    assert pipe.transformer is model.transformer and isinstance(pipe.scheduler, CompressedScheduler)
+    common = dict(num_inference_steps=8, guidance_scale=4.0, output_type="np")
+    if fam == "dit":
+        out = pipe(ids.tolist(), generator=torch.Generator().manual_seed(3), **common).images
+    else:
+        extra = {"use_resolution_binning": False, "clean_caption": False} if fam == "pixart" else {}
+        out = pipe(prompts(2), latents=make_noise(2, (4, 8, 8), 3), height=16, width=16, max_sequence_length=16,
+                   **common, **extra).images
+    images = torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1
+    torch.testing.assert_close(images, ref, atol=1e-4, rtol=0)  # same cache schedule, VC and decoding
+    assert pipe.qcache_cache.stats.nfc_per_generation() == [model.nfc] and pipe.scheduler.step_count == 8
+    with pytest.raises(QcacheError, match="num_inference_steps: .* for 8 steps, got 5"):
+        pipe.scheduler.set_timesteps(5)
+    pipe.qcache_cache.remove()
