@@ -162,7 +162,8 @@ def test_joint_attention_packing_round_trips():
 def test_every_step_full_is_bit_identical_and_caching_changes_the_output(fam, pipes):
     s = sampler_for(fam, pipes)
     ref = s.sample(3, seed=2, progress=False).images
-    for cfg, same in ((CacheConfig(policy="rfc", tau=0.0), True), (CacheConfig(policy="rfc", rcs=False, interval=3), False)):
+    every, fixed = CacheConfig(policy="rfc", tau=0.0), CacheConfig(policy="rfc", rcs=False, interval=3)
+    for cfg, same in ((every, True), (fixed, False)):
         cache = attach_cache(s.transformer, cfg, tau=cfg.tau)
         try:
             with s.extra_hooks(cache):
@@ -277,3 +278,23 @@ def test_diffusers_pipeline_with_the_compressed_transformer_matches_generate(fam
     with pytest.raises(QcacheError, match="num_inference_steps: .* for 8 steps, got 5"):
         pipe.scheduler.set_timesteps(5)
     pipe.qcache_cache.remove()
+
+
+def test_generate_cli_takes_prompts_for_text_models(pipes, runs, tmp_path_factory, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_module
+
+    res = compressed("pixart", pipes, runs, tmp_path_factory)
+    png, raw = tmp_path / "g.png", tmp_path / "g.safetensors"
+    cli = run_module("qcache.generate", str(res.artifact), "--prompt", "a photo of a red cat", "--prompt",
+                     "a sketch of a dog", "--n", "2", "--scale", "1", "--out", str(png), "--samples", str(raw))
+    assert cli.returncode == 0, cli.stderr
+    assert Image.open(png).size == (2 * 16 + 3, 16 + 2)  # two 16x16 RGB images side by side
+    expected = res.compressed.generate(2, seed=0, prompts=["a photo of a red cat", "a sketch of a dog"])
+    assert torch.equal(load_file(str(raw))["images"], expected.images)
+    bad = run_module("qcache.generate", str(res.artifact), "--class", "3", "--out", str(tmp_path / "b.png"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == ("error: --class: PixArtTransformer2DModel is text-conditional; "
+                                                   "use --prompt")

@@ -116,7 +116,7 @@ def pixart_pipeline(root: Path) -> Path:
 
 
 def sd3_pipeline(root: Path) -> Path:
-    """StableDiffusion3Pipeline layout: SD3 transformer + CLIP-L/G-like encoders + T5 + VAE (with shift) + flow Euler."""
+    """StableDiffusion3Pipeline layout: SD3 transformer + two CLIP encoders + T5 + VAE (with shift) + flow Euler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)

@@ -27,5 +27,5 @@ def cache_layout(transformer: torch.nn.Module) -> CacheLayout:
 
 
 def module_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The tensor a one-in, one-out cacheable module transforms: its first positional argument (or ``hidden_states``)."""
+    """The tensor a one-in, one-out cacheable module transforms: its first argument (or ``hidden_states``)."""
     return DEFAULT_IO.input(args, kwargs)
