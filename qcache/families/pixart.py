@@ -16,7 +16,7 @@ import torch
 from .base import EPSILON_SCHEDULERS, CacheLayout, ModelFamily, QuantPatterns
 from .blocks import basic_block_layout
 from .conditions import Condition, PromptConditioner, TextCondition
-from .text import batched, load_text_pipeline, pipeline_class_name
+from .text import load_text_pipeline, pipeline_class_name, without_grad
 
 VAE_SCALE = 8  # pixels per latent position of the PixArt / SD VAEs
 DEFAULT_MAX_SEQUENCE = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -54,7 +54,7 @@ class PixArtFamily(ModelFamily):
         pipe = load_text_pipeline(cls, source, dtype, device)
         max_len = getattr(cfg, "max_sequence_length", None) or DEFAULT_MAX_SEQUENCE.get(cls, 120)
 
-        @batched
+        @without_grad
         def encode(texts: list[str]) -> TextCondition:
             embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device,
                                                     clean_caption=False, max_sequence_length=max_len)

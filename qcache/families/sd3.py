@@ -21,7 +21,7 @@ import torch
 from ..errors import QcacheError
 from .base import FLOW_SCHEDULERS, CacheLayout, ModelFamily, ModuleIO, QuantPatterns
 from .conditions import Condition, PromptConditioner, TextCondition
-from .text import batched, load_text_pipeline, pipeline_class_name
+from .text import load_text_pipeline, pipeline_class_name, without_grad
 
 
 class JointAttentionIO(ModuleIO):
@@ -87,7 +87,7 @@ class SD3Family(ModelFamily):
         pipe = load_text_pipeline(pipeline_class_name(source, self.pipeline_class), source, dtype, device)
         max_len = getattr(cfg, "max_sequence_length", None) or 256
 
-        @batched
+        @without_grad
         def encode(texts: list[str]) -> TextCondition:
             embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=device,
                                                       do_classifier_free_guidance=False, max_sequence_length=max_len)

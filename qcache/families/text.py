@@ -93,7 +93,7 @@ def save_prompts(prompts: list[str], path: str | Path) -> Path:
     return save_dataset(Dataset.from_dict({"prompt": list(prompts)}), path)
 
 
-def batched(fn: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+def without_grad(fn: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     """``fn`` under ``torch.no_grad``."""
     def run(prompts: list[str]) -> Any:
         with torch.no_grad():
