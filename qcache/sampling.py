@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .errors import QcacheError
 from .families import Condition, Conditioner, family_for
 from .recipe import SamplingConfig
 
@@ -135,7 +136,11 @@ class Sampler:
     @property
     def null_class(self) -> int:
         """The label the unconditional half of a CFG batch gets (class models: DiT's extra label-table row)."""
-        return self.conditioner.null_class
+        null = getattr(self.conditioner, "null_class", None)
+        if null is None:
+            raise QcacheError(f"{type(self.transformer).__name__} is text-conditional: its null condition is the "
+                              f"negative prompt, not a class")
+        return int(null)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
