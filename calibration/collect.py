@@ -15,7 +15,7 @@ import time
 import torch
 
 from qcache.cli import run_cli
-from qcache.models import load_model
+from qcache.models import load_model, load_parts
 from qcache.recipe import Recipe, load_recipe
 from qcache.sampling import Sampler
 
@@ -35,13 +35,18 @@ def attach_recipe_cache(sampler: Sampler, recipe: Recipe):
 
 def collect_for_recipe(recipe: Recipe, images: int | None = None, seed: int | None = None,
                        use_cache: bool | None = None, progress: bool = False, transformer=None,
-                       scheduler_config: dict | None = None):
-    """The pool of ``recipe`` (its FP model unless ``transformer`` is given); returns (dataset, cache or None)."""
+                       scheduler_config: dict | None = None, conditioner=None):
+    """The pool of ``recipe`` (its FP model unless ``transformer`` is given); returns (dataset, cache or None).
+
+    ``conditioner`` maps condition ids to conditions (default: the recipe's, built from ``condition``).
+    """
     cal = recipe.calibration
     if transformer is None:
         loaded = load_model(recipe.model)
         transformer, scheduler_config = loaded.transformer, loaded.scheduler_config
-    sampler = Sampler(transformer, scheduler_config, recipe.sampling)
+        if conditioner is None:
+            conditioner = load_parts(loaded, recipe.condition).conditioner
+    sampler = Sampler(transformer, scheduler_config, recipe.sampling, conditioner=conditioner)
     use_cache = cal.cache_aware if use_cache is None else use_cache
     cache = attach_recipe_cache(sampler, recipe) if use_cache else None
     try:

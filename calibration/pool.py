@@ -3,8 +3,10 @@
 ``PoolCollector`` is a sampler hook: it copies x_t at ``before_model`` and keeps it at ``after_step`` only if the
 step was a full computation (``state.extras["full_step"]``, set by the cache engine after each model call; absent
 = no cache = every step is full). Reading the flag after the step, not in ``after_model``, makes it independent of
-the order of hooks. One row per image and full step: x (C, H, W) float32, timestep, step_index, num_steps,
-class_label (the conditional label; CFG's null half is re-created at calibration time), sample_id.
+the order of hooks. One row per image and full step: x (C, H, W) float32, timestep (int64; float32 for
+flow-matching schedulers, whose timesteps are not integers), step_index, num_steps, the condition id (column
+``class_label`` for class models, ``prompt_index`` into the recipe's prompt list for text models, re-encoded at
+calibration time; CFG's null half is re-created then too), sample_id.
 """
 
 from __future__ import annotations
@@ -16,17 +18,23 @@ from qcache.sampling import Sampler, SamplerHook, StepState
 
 
 class PoolCollector(SamplerHook):
-    """Records (x_t, t, class, step index) of the full steps of every batch the sampler runs."""
+    """Records (x_t, t, condition id, step index) of the full steps of every batch the sampler runs.
 
-    def __init__(self) -> None:
+    ``column`` names the condition-id column (``Conditioner.column``).
+    """
+
+    def __init__(self, column: str = "class_label") -> None:
+        self.column = column
         self.x: list[torch.Tensor] = []
-        self.meta: list[np.ndarray] = []  # rows of (timestep, step_index, num_steps, class_label, sample_id)
+        self.meta: list[np.ndarray] = []  # rows of (step_index, num_steps, condition id, sample_id)
+        self.timesteps: list[np.ndarray] = []
         self._pending: tuple | None = None
         self._offset = 0
 
     def before_model(self, state: StepState) -> None:
-        self._pending = (state.latents.detach().float().cpu().clone(), int(state.timestep), state.index,
-                         state.num_steps)
+        t = state.timestep
+        t = float(t) if torch.is_floating_point(t) else int(t)
+        self._pending = (state.latents.detach().float().cpu().clone(), t, state.index, state.num_steps)
 
     def after_step(self, state: StepState) -> None:
         if self._pending is None:
@@ -38,7 +46,8 @@ class PoolCollector(SamplerHook):
             labels = state.class_labels.cpu().numpy()
             ids = np.arange(self._offset, self._offset + b)
             self.x.append(x)
-            self.meta.append(np.stack([np.full(b, t), np.full(b, i), np.full(b, steps), labels, ids], 1))
+            self.timesteps.append(np.full(b, t))
+            self.meta.append(np.stack([np.full(b, i), np.full(b, steps), labels, ids], 1))
         return None
 
     def on_end(self, state: StepState) -> None:
@@ -52,11 +61,13 @@ class PoolCollector(SamplerHook):
             raise ValueError("the pool is empty: no full step was recorded")
         x = torch.cat(self.x).numpy()
         meta = np.concatenate(self.meta).astype(np.int64)
-        features = Features({"x": Array3D(tuple(x.shape[1:]), "float32"), "timestep": Value("int64"),
+        t = np.concatenate(self.timesteps)
+        t_type = "float32" if np.issubdtype(t.dtype, np.floating) else "int64"
+        features = Features({"x": Array3D(tuple(x.shape[1:]), "float32"), "timestep": Value(t_type),
                              "step_index": Value("int64"), "num_steps": Value("int64"),
-                             "class_label": Value("int64"), "sample_id": Value("int64")})
-        cols = {"x": x, **{k: meta[:, j] for j, k in enumerate(["timestep", "step_index", "num_steps",
-                                                                  "class_label", "sample_id"])}}
+                             self.column: Value("int64"), "sample_id": Value("int64")})
+        cols = {"x": x, "timestep": t.astype(t_type),
+                **{k: meta[:, j] for j, k in enumerate(["step_index", "num_steps", self.column, "sample_id"])}}
         return Dataset.from_dict(cols, features=features)
 
 
@@ -66,7 +77,7 @@ def collect_pool(sampler: Sampler, n: int, seed: int, labels: torch.Tensor | Non
 
     The sampler's own hooks run as usual; the collector is appended last for the duration of the call.
     """
-    collector = PoolCollector()
+    collector = PoolCollector(sampler.conditioner.column)
     with sampler.extra_hooks(collector):
         sampler.sample(n, seed=seed, labels=labels, progress=progress, desc="calibration pool")
     return collector.to_dataset()

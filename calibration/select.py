@@ -25,8 +25,9 @@ METHODS = ("random", "kmeans", "tap")
 
 
 def column(ds, name: str) -> np.ndarray:
-    """One integer column of a dataset as a numpy array."""
-    return np.asarray(ds.with_format("numpy", columns=[name])[:][name], dtype=np.int64)
+    """One column of a dataset as a numpy array: int64, or float64 for a float column (flow-matching timesteps)."""
+    a = np.asarray(ds.with_format("numpy", columns=[name])[:][name])
+    return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a.astype(np.int64)
 
 
 def pool_features(pool, feature_pool: int = 1) -> np.ndarray:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from qcache.errors import QcacheError
 
-COLUMNS = ("x", "timestep", "step_index", "num_steps", "class_label", "sample_id")
+COLUMNS = ("x", "timestep", "step_index", "num_steps", "class_label", "sample_id")  # class models
+ID_COLUMNS = ("class_label", "prompt_index")  # the condition id: a class label, or an index into the prompt list
 
 
 def save_dataset(ds, path: str | Path) -> Path:
@@ -43,7 +44,9 @@ def load_dataset(path: str | Path, what: str = "calibration.pool_path"):
         ds = load_from_disk(str(path))
     except Exception as e:
         raise QcacheError(f"{what}: cannot load dataset at {path}: {str(e).splitlines()[0]}") from None
-    missing = [c for c in ("x", "timestep", "class_label") if c not in ds.column_names]
+    missing = [c for c in ("x", "timestep") if c not in ds.column_names]
+    if not any(c in ds.column_names for c in ID_COLUMNS):
+        missing.append(" or ".join(ID_COLUMNS))
     if missing:
         raise QcacheError(f"{what}: dataset at {path} lacks columns {missing}")
     return ds

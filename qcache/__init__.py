@@ -11,7 +11,8 @@ def load(path, device: str = "auto"):
     """Load a compressed artifact (or a ``qcache.compress`` output directory) as a ``CompressedModel``.
 
     The checksums of every file are verified first; ``.generate(n, seed=...)`` then samples with quantization,
-    the cache schedule and variance compensation active.
+    the cache schedule and variance compensation active (decoded by the base model's VAE for latent models), and
+    ``.pipeline()`` gives the base model's diffusers pipeline around the compressed transformer.
     """
     from .artifact import load_artifact
 

@@ -8,6 +8,7 @@ format version, or whose files are missing or do not match their checksums, nami
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -116,6 +117,7 @@ TRANSFORMER_DIR = "transformer"
 SCHEDULER_FILE = "scheduler_config.json"
 SCHEDULE_FILE = "cache_schedule.json"
 VC_FILE = "vc_factors.safetensors"
+PROMPTS_FILE = "prompts.json"  # text models: the prompt list (and negative prompt) the model was calibrated with
 
 
 def write_artifact(final: str | Path, compressed, recipe, extra_files: dict[str, bytes] | None = None) -> Path:
@@ -137,6 +139,10 @@ def write_artifact(final: str | Path, compressed, recipe, extra_files: dict[str,
         if compressed.vc_factors is not None:
             save_file({"factors": compressed.vc_factors.float().contiguous()}, str(tmp / VC_FILE),
                       metadata={"format": "qcache-vc/1"})
+        cond = compressed.parts.conditioner
+        if hasattr(cond, "prompts"):
+            (tmp / PROMPTS_FILE).write_text(json.dumps({"prompts": cond.prompts,
+                                                        "negative_prompt": cond.negative_prompt}, indent=1) + "\n")
         for rel, data in (extra_files or {}).items():
             p = tmp / rel
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +155,11 @@ def write_artifact(final: str | Path, compressed, recipe, extra_files: dict[str,
             "sampler": compressed.sampling.scheduler,
             "vc": compressed.vc_factors is not None,
         }
-        write_manifest(tmp, compressed.source, {"components": components})
+        # the artifact holds the quantized transformer only: text encoders and the VAE come from base_model
+        write_manifest(tmp, compressed.source, {"family": compressed.family,
+                                                "pipeline_class": compressed.parts.family.pipeline_class,
+                                                "vae": compressed.parts.vae is not None,
+                                                "components": components})
     return final
 
 
@@ -162,13 +172,17 @@ def resolve_artifact(path: str | Path) -> Path:
 
 
 def load_artifact(path: str | Path, device: str = "auto"):
-    """Verify and load an artifact (or a compress output directory) into a ``CompressedModel``."""
+    """Verify and load an artifact (or a compress output directory) into a ``CompressedModel``.
+
+    The quantized transformer, schedule and VC factors come from the artifact; the conditioner's text encoders and
+    the VAE of latent-space models come from the manifest's ``base_model`` (a local directory or a hub id).
+    """
     import yaml
     from safetensors.torch import load_file
 
     from .cache import StaticSchedule
     from .compressed import CompressedModel
-    from .models.loading import resolve_device
+    from .models.loading import build_parts, resolve_device, resolve_location
     from .quant import load_quantized
     from .recipe import RecipeError, recipe_from_dict
 
@@ -199,11 +213,33 @@ def load_artifact(path: str | Path, device: str = "auto"):
             factors = load_file(str(root / VC_FILE))["factors"]
         except Exception as e:  # safetensors raises its own error types
             raise ArtifactError(f"artifact: cannot read {root / VC_FILE}: {str(e).splitlines()[0]}") from None
+    prompts, negative = None, None
+    if PROMPTS_FILE in listed:
+        try:
+            pj = json.loads((root / PROMPTS_FILE).read_text())
+            prompts, negative = list(pj["prompts"]), pj.get("negative_prompt")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ArtifactError(f"artifact: {root / PROMPTS_FILE} is not a valid prompt list: {e}") from None
     dev = resolve_device(recipe.model.device if device == "auto" else device)
     transformer = load_quantized(root / TRANSFORMER_DIR, device=dev)
     if factors is not None and factors.shape[0] != recipe.sampling.steps:
         raise ArtifactError(f"artifact: {root / VC_FILE} has {factors.shape[0]} steps, the recipe samples "
                             f"{recipe.sampling.steps}")
+    base = manifest.get("base_model", "")
+    condition = recipe.condition
+    if negative is not None:
+        condition = dataclasses.replace(condition, negative_prompt=negative or None)
+    use_vae = manifest.get("vae")
+    from .families import family_for
+
+    family = family_for(transformer)
+    try:
+        location = resolve_location(base)
+    except QcacheError:
+        if family.text_conditioned or use_vae:  # text encoders / the VAE come from the base model
+            raise
+        location = base  # a pixel-space class model needs nothing from its base model
+    parts = build_parts(transformer, location, dev, transformer.dtype, condition, prompts, use_vae)
     return CompressedModel(transformer, scheduler_config, recipe.sampling, recipe.cache, schedule, factors,
-                           source=manifest.get("base_model", ""), info={"manifest": manifest, "path": str(root),
-                                                                        "recipe": recipe})
+                           source=base, info={"manifest": manifest, "path": str(root), "recipe": recipe},
+                           parts=parts)

@@ -39,7 +39,7 @@ from .artifact import write_artifact
 from .cli import run_cli, write_json
 from .compressed import CompressedModel
 from .errors import QcacheError
-from .models import load_model
+from .models import load_model, load_parts
 from .pipeline import (build_pool, cache_schedule, evaluate_pair, fit_variance_compensation, has_cache,
                        needs_calibration, quality_sweep, quantize_model, reference_samples, select_calibration)
 from .recipe import Recipe, load_recipe, recipe_to_dict
@@ -97,15 +97,21 @@ def compress(recipe: Recipe, out: str | Path | None = None, progress: bool = Tru
     if out.exists() and not out.is_dir():
         raise QcacheError(f"--out: {out} exists and is not a directory")
     loaded = load_model(recipe.model)  # a bad model source fails before anything is written
+    parts = load_parts(loaded, recipe.condition)  # so do bad prompts / a missing VAE
     with _exclusive(out):
         if fresh:
             shutil.rmtree(out / "stages", ignore_errors=True)
         for stale in out.glob(".artifact.*.partial"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        return _compress(recipe, loaded, out, progress, log)
+        return _compress(recipe, loaded, parts, out, progress, log)
 
 
-def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[str], None]) -> CompressResult:
+def _num(value, fmt: str) -> str:
+    """``value`` formatted, or "n/a" for a metric that is not available for this model (None)."""
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _compress(recipe: Recipe, loaded, parts, out: Path, progress: bool, log: Callable[[str], None]) -> CompressResult:
     import datasets
     from datasets import load_from_disk
     from safetensors.torch import load_file, save_file
@@ -128,15 +134,16 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
         log(f"[{i}/{len(STAGES)}] {name}: {summary(res.info)} ({how})")
         return res
 
+    cond = parts.conditioner.fingerprint()  # the conditions every sampling stage uses (prompts, classes)
     # 1-2: calibration data (only when some activation is quantized)
-    k_pool = stage_key(model=R["model"], sampling=R["sampling"], cache=R["cache"],
+    k_pool = stage_key(model=R["model"], sampling=R["sampling"], cache=R["cache"], condition=cond,
                        pool={k: R["calibration"][k] for k in ("pool_images", "pool_seed", "cache_aware")})
     k_sel = stage_key(pool=k_pool, calibration=R["calibration"])
     selection, tau_guess = None, None
     calibrate = needs_calibration(recipe, fp)
     if calibrate:
         def build_pool_stage(tmp: Path) -> dict:
-            pool, info = build_pool(recipe, fp, sched, progress)
+            pool, info = build_pool(recipe, fp, sched, progress, parts)
             pool.save_to_disk(str(tmp / "pool"))
             box["pool"] = pool
             return info
@@ -164,10 +171,10 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
 
     # 3: quantize
     k_q = stage_key(selection=k_sel if calibrate else None, model=R["model"], quant=R["quant"],
-                    guidance=recipe.sampling.guidance_scale > 1.0)
+                    guidance=recipe.sampling.guidance_scale > 1.0, condition=cond)
 
     def build_quant_stage(tmp: Path) -> dict:
-        model = quantize_model(recipe, fp, selection)
+        model = quantize_model(recipe, fp, selection, parts)
         save_quantized(model, tmp / "transformer")
         box["quantized"] = model
         return {"preset": recipe.quant.preset, "modules": len(model.qcache_quant["modules"]),
@@ -184,7 +191,7 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
     k_s = stage_key(quantized=k_q, cache=R["cache"], sampling=R["sampling"])
 
     def build_schedule_stage(tmp: Path) -> dict:
-        schedule, info = cache_schedule(recipe, qmodel, sched, tau_guess)
+        schedule, info = cache_schedule(recipe, qmodel, sched, tau_guess, parts)
         if schedule is not None:
             schedule.save(tmp / "cache_schedule.json")
         return {**info, "nfc": schedule.nfc if schedule else recipe.sampling.steps,
@@ -195,7 +202,7 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
     sched_info = res.info
     schedule = StaticSchedule.load(res.path / "cache_schedule.json") if sched_info["full_steps"] else None
     compressed = CompressedModel(qmodel, sched, recipe.sampling, recipe.cache, schedule, None,
-                                 source=recipe.model.source)
+                                 source=recipe.model.source, parts=parts)
 
     # 5: variance compensation
     k_vc = stage_key(schedule=k_s, vc=R["vc"])
@@ -221,16 +228,16 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
         compressed.vc_factors = load_file(str(res.path / "vc_factors.safetensors"))["factors"]
 
     # 6: FP reference samples
-    k_ref = stage_key(model=R["model"], sampling=R["sampling"], n=recipe.eval.n)
+    k_ref = stage_key(model=R["model"], sampling=R["sampling"], n=recipe.eval.n, condition=cond)
 
     def build_reference_stage(tmp: Path) -> dict:
-        samples, quality = reference_samples(recipe, fp, sched, progress)
+        samples, quality = reference_samples(recipe, fp, sched, progress, parts)
         _save_samples(tmp / "samples.safetensors", samples)
         box["reference"] = samples
         return quality
 
     res = run(6, "reference", k_ref, build_reference_stage,
-              lambda i: f"class accuracy {i['class_accuracy']:.3f}, FID vs data {i['fid_data']:.2f}")
+              lambda i: f"class accuracy {_num(i['class_accuracy'], '.3f')}, FID vs data {_num(i['fid_data'], '.2f')}")
     reference = box["reference"] if "reference" in box else _load_samples(res.path / "samples.safetensors")
     ref_quality = res.info
 
@@ -245,7 +252,8 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
         return metrics
 
     res = run(7, "evaluate", k_ev, build_eval_stage,
-              lambda i: f"FID to FP {i['compressed']['fid_to_fp']:.3f}, latency ratio "
+              lambda i: f"FID to FP {_num(i['compressed']['fid_to_fp'], '.3f')}, PSNR "
+                        f"{i['compressed']['psnr']:.2f} dB, latency ratio "
                         f"{i['compressed']['latency_ratio']:.2f}x, size ratio {i['compressed']['size_ratio']:.2f}x")
     metrics = res.info
     c_samples = box["compressed_samples"] if "compressed_samples" in box else _load_samples(res.path / "samples.safetensors")
@@ -263,7 +271,10 @@ def _compress(recipe: Recipe, loaded, out: Path, progress: bool, log: Callable[[
         "qcache_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "setup": {
-            "model_source": recipe.model.source, "device": str(device), "threads": torch.get_num_threads(),
+            "model_source": recipe.model.source, "family": parts.family.name,
+            "condition": parts.conditioner.fingerprint().split(":")[0],
+            "decoded_by_vae": parts.vae is not None,
+            "device": str(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "quant": recipe.quant.preset,
             "cache": recipe.cache.policy, "calibration": calib_desc, "steps": recipe.sampling.steps,
             "scheduler": recipe.sampling.scheduler, "guidance_scale": recipe.sampling.guidance_scale,

@@ -3,6 +3,8 @@
 ``CompressedModel`` is what ``qcache.compress`` builds in memory and what ``qcache.load`` returns from an artifact,
 so the two generate bit-identically. Generation replays the static full-step schedule (``mode="static"``:
 deterministic, exact NFC) or runs relational cache scheduling live with the tuned tau (``mode="live"``).
+``parts`` (``qcache.families.ModelParts``) holds the conditioner (class labels, or prompt embeddings from the base
+model's text encoders) and the VAE of latent-space models: ``generate`` returns decoded images.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ class CompressedModel:
     vc_factors: torch.Tensor | None = None  # (steps, channels)
     source: str = ""
     info: dict = field(default_factory=dict)  # manifest / report extras
+    parts: "ModelParts | None" = None  # noqa: F821 - conditioner + VAE decoder; None: class model in pixel space
+
+    def __post_init__(self) -> None:
+        if self.parts is None:
+            from .families.parts import default_parts
+
+            self.parts = default_parts(self.transformer)
+
+    @property
+    def family(self) -> str:
+        return self.parts.family.name
 
     @property
     def nfc(self) -> int:
@@ -53,15 +66,20 @@ class CompressedModel:
         return cache
 
     @contextlib.contextmanager
-    def sampler(self, mode: Mode = "static", vc: bool = True, **sampling_overrides) -> Iterator[Sampler]:
-        """A ``Sampler`` with the cache (and VC) attached for the duration of the block, detached after."""
+    def sampler(self, mode: Mode = "static", vc: bool = True, conditioner=None,
+                **sampling_overrides) -> Iterator[Sampler]:
+        """A ``Sampler`` with the cache (and VC) attached for the duration of the block, detached after.
+
+        ``conditioner`` replaces the model's own (e.g. one over other prompts, from ``prompt_conditioner``).
+        """
         from .vc import VarianceCompensation
 
         cfg = dataclasses.replace(self.sampling, **sampling_overrides)
         if (self.schedule is not None and cfg.steps != self.schedule.steps) or cfg.scheduler != self.sampling.scheduler:
             raise QcacheError(f"sampling: the compressed model was built for {self.sampling.scheduler} with "
                               f"{self.sampling.steps} steps, got {cfg.scheduler} with {cfg.steps}")
-        s = Sampler(self.transformer, self.scheduler_config, cfg)
+        s = Sampler(self.transformer, self.scheduler_config, cfg,
+                    conditioner=conditioner if conditioner is not None else self.parts.conditioner)
         cache = self._attach_cache(s, mode)
         if vc and self.vc_factors is not None:
             s.hooks.append(VarianceCompensation(self.vc_factors))
@@ -71,8 +89,37 @@ class CompressedModel:
             if cache is not None:
                 cache.remove()
 
+    def pipeline(self, mode: Mode = "static", vc: bool = True, **from_pretrained):
+        """The base model's diffusers pipeline (``DiTPipeline``, ``PixArtAlphaPipeline``, ...) around the quantized
+        transformer, with the cache and VC active; call it with ``num_inference_steps`` = the compressed steps.
+        See ``qcache.export.to_pipeline``."""
+        from .export import to_pipeline
+
+        return to_pipeline(self, mode, vc, **from_pretrained)
+
+    def prompt_conditioner(self, prompts: list[str]):
+        """A conditioner over ``prompts`` (ids 0..len-1), encoded with the base model's text encoders."""
+        from .families import PromptConditioner
+
+        if not isinstance(self.parts.conditioner, PromptConditioner):
+            raise QcacheError(f"prompts: {type(self.transformer).__name__} is class-conditional; pass labels instead")
+        if not prompts:
+            raise QcacheError("prompts: the prompt list is empty")
+        return self.parts.conditioner.with_prompts(list(prompts))
+
     def generate(self, n: int, labels: torch.Tensor | None = None, seed: int | None = None,
-                 mode: Mode = "static", progress: bool = False, **sampling_overrides) -> SampleSet:
-        """Sample ``n`` images (labels default to 0, 1, 2, ... cycling); same seed, same images."""
-        with self.sampler(mode, **sampling_overrides) as s:
-            return s.sample(n, seed=seed, labels=labels, progress=progress, desc="generating")
+                 mode: Mode = "static", progress: bool = False, prompts: list[str] | None = None,
+                 decode: bool = True, **sampling_overrides) -> SampleSet:
+        """Sample ``n`` images; same seed, same images.
+
+        Class models: ``labels`` (default 0, 1, 2, ... cycling, or the recipe's ``condition.classes``). Text models:
+        ``prompts`` (cycled over the n images; default: the recipe's prompt list) or ``labels`` as indices into the
+        prompt list. Latent-space models return images decoded by the base model's VAE (``decode=False``: latents).
+        """
+        conditioner = None
+        if prompts is not None:
+            conditioner = self.prompt_conditioner(prompts)
+            labels = torch.arange(n) % len(prompts) if labels is None else labels
+        with self.sampler(mode, conditioner=conditioner, **sampling_overrides) as s:
+            out = s.sample(n, seed=seed, labels=labels, progress=progress, desc="generating")
+        return SampleSet(self.parts.to_pixels(out.images), out.labels) if decode else out

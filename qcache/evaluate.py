@@ -1,5 +1,8 @@
 """Evaluate a recipe's full-precision model: class accuracy, FID against held-out digits, latency, FLOPs.
 
+Class accuracy and FID against data need a judge; qcache has one for digit images (its own classifier). For other
+models both are reported as null; latency and FLOPs are measured for every model.
+
     python -m qcache.evaluate RECIPE [--n N] [--json PATH] [--samples PATH]
 
 Library use: ``evaluate_sampler(sampler, n)`` measures any sampler (full precision, cached, quantized) the same
@@ -21,7 +24,7 @@ from .cli import run_cli, write_json
 from .digits import load_split
 from .flops import count_flops
 from .metrics import fid_from_features
-from .models import load_model
+from .models import load_model, load_parts
 from .recipe import EvalConfig, Recipe, load_recipe, recipe_to_dict
 from .sampling import Sampler, SampleSet
 
@@ -33,8 +36,21 @@ def reference_features() -> torch.Tensor:
     return classify(images)[1]
 
 
-def quality_metrics(samples: SampleSet) -> dict[str, float]:
-    """Class accuracy of the samples and their FID against held-out real digits."""
+def has_judge(samples: SampleSet, conditioner=None) -> bool:
+    """Whether the digits classifier can judge these samples: 1x8x8 images of a class model with 10 classes."""
+    from .families import ClassConditioner
+    from .metrics import DIGITS_SHAPE
+
+    if conditioner is not None and not (isinstance(conditioner, ClassConditioner) and conditioner.num_classes == 10):
+        return False
+    labels_ok = len(samples.labels) == 0 or (int(samples.labels.min()) >= 0 and int(samples.labels.max()) < 10)
+    return tuple(samples.images.shape[1:]) == DIGITS_SHAPE and labels_ok
+
+
+def quality_metrics(samples: SampleSet, conditioner=None) -> dict[str, float | None]:
+    """Class accuracy of the samples and their FID against held-out real digits (None without a judge)."""
+    if not has_judge(samples, conditioner):
+        return {"class_accuracy": None, "fid_data": None}
     preds, feats = classify(samples.images)
     return {
         "class_accuracy": float((preds == samples.labels).float().mean()),
@@ -80,10 +96,12 @@ def flops_per_image(sampler: Sampler, seed: int = 0) -> int:
 
 
 def evaluate_sampler(sampler: Sampler, n: int, eval_cfg: EvalConfig, progress: bool = True,
-                     desc: str = "sampling") -> tuple[dict, SampleSet]:
-    """Sample n images and measure them; returns (metrics, samples)."""
+                     desc: str = "sampling", parts=None) -> tuple[dict, SampleSet]:
+    """Sample n images and measure them; returns (metrics, samples as images: decoded when ``parts`` has a VAE)."""
     samples = sampler.sample(n, progress=progress, desc=desc)
-    metrics = quality_metrics(samples)
+    if parts is not None:
+        samples = SampleSet(parts.to_pixels(samples.images), samples.labels)
+    metrics = quality_metrics(samples, sampler.conditioner)
     metrics["latency_s"] = time_sampling(sampler, min(eval_cfg.latency_samples, n), eval_cfg.latency_repeats)
     metrics["latency_samples"] = min(eval_cfg.latency_samples, n)
     metrics["flops_per_image"] = flops_per_image(sampler)
@@ -94,11 +112,13 @@ def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True)
     """Evaluate the full-precision model of ``recipe``; returns (report dict, samples)."""
     n = recipe.eval.n if n is None else n
     loaded = load_model(recipe.model)
-    sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling)
-    metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress)
+    parts = load_parts(loaded, recipe.condition)
+    sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
+    metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress, parts=parts)
     report = {
         "qcache_version": __version__,
         "model_source": recipe.model.source,
+        "family": parts.family.name,
         "device": str(loaded.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -129,7 +149,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress)
     keys = ("class_accuracy", "fid_data", "latency_s", "flops_per_image")
-    print("  ".join(f"{k}={report[k]:.4g}" for k in keys))
+    print("  ".join(f"{k}={report[k]:.4g}" if report[k] is not None else f"{k}=null" for k in keys))
     if args.samples:
         from safetensors.torch import save
 

@@ -1,9 +1,12 @@
 """Generate images with a compressed artifact: quantization, cache schedule and VC active.
 
     python -m qcache.generate PATH --class 3 --n 16 --seed 0 --out grid.png [--live] [--samples x.safetensors]
+    python -m qcache.generate PATH --prompt "a photo of a cat" [--prompt ...] --n 4 --out grid.png
 
-PATH is an artifact directory or a ``qcache.compress`` output directory. ``--live`` runs relational cache
-scheduling live with the tuned tau instead of replaying the static schedule.
+PATH is an artifact directory or a ``qcache.compress`` output directory. ``--class`` is for class-conditional
+models, ``--prompt`` (repeatable, cycled over the images; default: the artifact's prompt list) for text models;
+latent-space models are decoded by the base model's VAE. ``--live`` runs relational cache scheduling live with
+the tuned tau instead of replaying the static schedule.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def main() -> None:
     ap.add_argument("path", help="artifact directory (or a qcache.compress output directory)")
     ap.add_argument("--class", dest="cls", type=int, default=None,
                     help="class label of every image (default: 0, 1, 2, ... cycling)")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="text models: a prompt (repeat for several; cycled over the images)")
     ap.add_argument("--n", type=int, default=16, help="number of images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="PNG file for the image grid")
@@ -42,13 +47,22 @@ def main() -> None:
     from .images import make_grid, png_bytes
 
     model = load(args.path, device=args.device)
-    classes = int(model.transformer.config.num_embeds_ada_norm)
-    if args.cls is not None and not 0 <= args.cls < classes:
-        raise QcacheError(f"--class: must be in [0, {classes - 1}] for this model, got {args.cls}")
-    labels = torch.full((args.n,), args.cls) if args.cls is not None else None
+    text = model.parts.family.text_conditioned
+    if args.cls is not None and text:
+        raise QcacheError(f"--class: {type(model.transformer).__name__} is text-conditional; use --prompt")
+    if args.prompt is not None and not text:
+        raise QcacheError(f"--prompt: {type(model.transformer).__name__} is class-conditional; use --class")
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise QcacheError("--prompt: must be a non-empty string")
+    labels = None
+    if args.cls is not None:
+        classes = model.parts.conditioner.num_ids
+        if not 0 <= args.cls < classes:
+            raise QcacheError(f"--class: must be in [0, {classes - 1}] for this model, got {args.cls}")
+        labels = torch.full((args.n,), args.cls)
     torch.set_grad_enabled(False)
     samples = model.generate(args.n, labels=labels, seed=args.seed, mode="live" if args.live else "static",
-                             progress=True)
+                             progress=True, prompts=args.prompt)
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     atomic_write_bytes(args.out, png_bytes(make_grid(samples.images, nrow=nrow, scale=args.scale)))
     if args.samples:

@@ -74,19 +74,31 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"paired image sets must have equal (N, C, H, W) shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+DIGITS_SHAPE = (1, 8, 8)
+
+
+def default_features(images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The feature network FID uses for these images: the digits classifier's feature layer for 1x8x8 images;
+    None otherwise (Inception weights cannot be had here, so FID is not reported for other images)."""
+    if tuple(images.shape[1:]) != DIGITS_SHAPE:
+        return None
+    from .classifier import classify
+
+    return lambda x: classify(x)[1]
+
+
 def compare_sets(reference: torch.Tensor, candidate: torch.Tensor,
-                 features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+                 features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float | None]:
     """PSNR, SSIM and FID between two sample sets generated from the same noise (e.g. full precision vs compressed).
 
-    ``features`` maps images to (N, D) features; the default is the digits classifier's feature layer.
+    Both sets are images in [-1, 1] (pixel space: latent models' samples decoded by their VAE). ``features`` maps
+    images to (N, D) features; the default is ``default_features`` (digits classifier; ``fid_to_fp`` is None for
+    images no feature network is available for).
     """
-    if features is None:
-        from .classifier import classify
-
-        features = lambda x: classify(x)[1]  # noqa: E731
+    features = features if features is not None else default_features(reference)
     ref, cand = reference.float().clamp(-1, 1), candidate.float().clamp(-1, 1)
     return {
         "psnr": psnr(ref, cand),
         "ssim": ssim(ref, cand),
-        "fid_to_fp": fid_from_features(features(ref), features(cand)),
+        "fid_to_fp": None if features is None else fid_from_features(features(ref), features(cand)),
     }

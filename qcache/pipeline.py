@@ -7,7 +7,10 @@
     factors, curves = fit_variance_compensation(...)           VC against the FP trajectory, per-step errors
     metrics = evaluate_pair(...)                               both models on the same noise, latency in one run
 
-``qcache.compress`` runs them in order, keeping every product on disk so that a killed run resumes.
+``qcache.compress`` runs them in order, keeping every product on disk so that a killed run resumes. Every stage
+takes the model's ``parts`` (``qcache.families.ModelParts``: conditioner and VAE decoder; default: the class
+conditioner of a pixel-space model), so the same stages serve DiT, PixArt and SD3. Quality is measured on images:
+latent-space samples are decoded by the VAE first.
 """
 
 from __future__ import annotations
@@ -20,11 +23,24 @@ import torch
 
 from .compressed import CompressedModel
 from .evaluate import flops_per_image, quality_metrics, time_interleaved
+from .families.parts import ModelParts, default_parts
 from .metrics import compare_sets
 from .recipe import Recipe
-from .sampling import Sampler, SampleSet, default_labels, make_noise
+from .sampling import Sampler, SampleSet, make_noise
 
 Log = Callable[[str], None]
+
+
+def _parts(parts: ModelParts | None, transformer: torch.nn.Module) -> ModelParts:
+    return parts if parts is not None else default_parts(transformer)
+
+
+def _sampler(recipe: Recipe, transformer: torch.nn.Module, scheduler_config: dict, parts: ModelParts) -> Sampler:
+    return Sampler(transformer, scheduler_config, recipe.sampling, conditioner=parts.conditioner)
+
+
+def _pixels(samples: SampleSet, parts: ModelParts) -> SampleSet:
+    return SampleSet(parts.to_pixels(samples.images), samples.labels)
 
 
 def _quiet(msg: str) -> None:
@@ -43,11 +59,13 @@ def has_cache(recipe: Recipe) -> bool:
 
 
 # ---- calibration ---------------------------------------------------------------------------------------------
-def build_pool(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, progress: bool = False):
+def build_pool(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, progress: bool = False,
+               parts: ModelParts | None = None):
     """The calibration pool: model inputs of the full steps along trajectories sampled with the recipe's cache."""
     from calibration.collect import collect_for_recipe
 
-    pool, cache = collect_for_recipe(recipe, progress=progress, transformer=fp, scheduler_config=scheduler_config)
+    pool, cache = collect_for_recipe(recipe, progress=progress, transformer=fp, scheduler_config=scheduler_config,
+                                     conditioner=_parts(parts, fp).conditioner)
     info = {"rows": len(pool), "images": recipe.calibration.pool_images,
             "cache": recipe.cache.policy if cache is not None else "none"}
     if cache is not None:
@@ -64,16 +82,19 @@ def select_calibration(recipe: Recipe, pool):
 
 
 # ---- quantization ----------------------------------------------------------------------------------------------
-def quantize_model(recipe: Recipe, fp: torch.nn.Module, selection=None) -> torch.nn.Module:
+def quantize_model(recipe: Recipe, fp: torch.nn.Module, selection=None,
+                   parts: ModelParts | None = None) -> torch.nn.Module:
     """A quantized copy of ``fp`` per ``recipe.quant``, activation ranges observed on ``selection``."""
     from .quant import quantize_transformer
 
     model = copy.deepcopy(fp)
-    return quantize_transformer(model, recipe.quant, selection, guidance=recipe.sampling.guidance_scale > 1.0)
+    return quantize_transformer(model, recipe.quant, selection, guidance=recipe.sampling.guidance_scale > 1.0,
+                                conditioner=_parts(parts, fp).conditioner)
 
 
 # ---- cache schedule --------------------------------------------------------------------------------------------
-def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dict, tau_guess: float | None = None):
+def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dict, tau_guess: float | None = None,
+                   parts: ModelParts | None = None):
     """The static full-step schedule of the recipe's cache on ``model``: replayed, tuned to target_nfc, or recorded.
 
     ``tau_guess`` starts the tau search (the FP model's tau from the pool stage is a close guess). Returns
@@ -84,7 +105,7 @@ def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dic
     cfg = recipe.cache
     if cfg.policy == "none":
         return None, {"policy": "none"}
-    sampler = Sampler(model, scheduler_config, recipe.sampling)
+    sampler = _sampler(recipe, model, scheduler_config, _parts(parts, model))
     if cfg.schedule is not None:
         schedule = StaticSchedule.load(cfg.schedule)
         schedule.check(sampler)
@@ -113,9 +134,10 @@ def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: t
     from .vc import fit_vc_to_trajectory, record_trajectory, trajectory_error
 
     v = recipe.vc
-    noise = make_noise(v.samples, Sampler(fp, scheduler_config, recipe.sampling).sample_shape, v.seed)
-    labels = default_labels(v.samples, int(fp.config.num_embeds_ada_norm))
-    reference = record_trajectory(Sampler(fp, scheduler_config, recipe.sampling), noise, labels, v.seed)
+    fp_sampler = _sampler(recipe, fp, scheduler_config, compressed.parts)
+    noise = make_noise(v.samples, fp_sampler.sample_shape, v.seed)
+    labels = fp_sampler.conditioner.default_ids(v.samples)
+    reference = record_trajectory(fp_sampler, noise, labels, v.seed)
     with compressed.sampler(vc=False) as s:
         plain = record_trajectory(s, noise, labels, v.seed)
         factors = None
@@ -129,12 +151,13 @@ def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: t
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------
-def reference_samples(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict,
-                      progress: bool = False) -> tuple[SampleSet, dict]:
-    """The FP model's ``eval.n`` samples (the reference every compressed image is compared with) and its quality."""
-    sampler = Sampler(fp, scheduler_config, recipe.sampling)
-    samples = sampler.sample(recipe.eval.n, progress=progress, desc="full precision")
-    return samples, quality_metrics(samples)
+def reference_samples(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, progress: bool = False,
+                      parts: ModelParts | None = None) -> tuple[SampleSet, dict]:
+    """The FP model's ``eval.n`` images (the reference every compressed image is compared with) and its quality."""
+    parts = _parts(parts, fp)
+    samples = _pixels(_sampler(recipe, fp, scheduler_config, parts).sample(recipe.eval.n, progress=progress,
+                                                                           desc="full precision"), parts)
+    return samples, quality_metrics(samples, parts.conditioner)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -150,11 +173,12 @@ def evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, c
     """Metrics of the FP and compressed models on the same noise; latencies measured here, in one run."""
     e = recipe.eval
     n_lat = min(e.latency_samples, e.n)
-    fp_sampler = Sampler(fp, scheduler_config, recipe.sampling)
+    parts = compressed.parts
+    fp_sampler = _sampler(recipe, fp, scheduler_config, parts)
     fp_bytes = model_bytes(fp)
     fp_flops = flops_per_image(fp_sampler)
     with compressed.sampler() as s:
-        samples = s.sample(e.n, progress=progress, desc="compressed")
+        samples = _pixels(s.sample(e.n, progress=progress, desc="compressed"), parts)
         fp_latency, c_latency = time_interleaved([fp_sampler, s], n_lat, e.latency_repeats)
     # FLOPs count multiply-adds whatever their precision (quanto's int8 kernels are opaque to torch's counter):
     # the compressed model's are those of the FP weights on the same cache schedule
@@ -168,7 +192,7 @@ def evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, c
     c_row = {"nfc": compressed.nfc, "flops_per_image": c_flops, "flops_ratio": fp_flops / max(c_flops, 1),
              "latency_s": c_latency, "latency_ratio": fp_latency / c_latency, "size_bytes": compressed_bytes,
              "size_ratio": fp_bytes / compressed_bytes, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"],
-             "ssim": cmp["ssim"], **quality_metrics(samples)}
+             "ssim": cmp["ssim"], **quality_metrics(samples, parts.conditioner)}
     return {"n": e.n, "latency_samples": n_lat, "latency_repeats": e.latency_repeats,
             "full_precision": fp_row, "compressed": c_row, "_samples": samples}
 
@@ -196,7 +220,8 @@ def quality_sweep(recipe: Recipe, compressed: CompressedModel, reference: Sample
         settings = [dict(nfc=k) for k in sorted({steps, *[k for k in SWEEP_NFCS if cfg.warmup <= k < steps]},
                                                  reverse=True)]
     points = []
-    sampler = Sampler(compressed.transformer, compressed.scheduler_config, compressed.sampling)
+    sampler = Sampler(compressed.transformer, compressed.scheduler_config, compressed.sampling,
+                      conditioner=compressed.parts.conditioner)
     noise = make_noise(len(reference.images), sampler.sample_shape, compressed.sampling.seed)[:n]
     for st in settings:
         if "tau" in st:
@@ -211,6 +236,6 @@ def quality_sweep(recipe: Recipe, compressed: CompressedModel, reference: Sample
         finally:
             cache.remove()
         nfc = cache.stats.mean_nfc()
-        cmp = compare_sets(reference.images[:n], out.images)
+        cmp = compare_sets(reference.images[:n], compressed.parts.to_pixels(out.images))
         points.append({**st, "nfc": nfc, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"], "n": n})
     return points

@@ -45,11 +45,34 @@ class ModelConfig:
 class SamplingConfig:
     """The denoising loop: scheduler, number of steps, classifier-free guidance, seed, batch size."""
 
-    scheduler: Literal["ddim", "ddpm", "dpmsolver++"] = "ddim"
+    scheduler: Literal["ddim", "ddpm", "dpmsolver++", "flow-euler"] = "ddim"  # flow-euler: flow-matching models
     steps: int = _f(50, ge=1, le=1000)
     guidance_scale: float = _f(1.5, ge=1.0, le=50.0)  # 1.0 disables CFG
     seed: int = _f(0, ge=0)
     batch_size: int = _f(500, ge=1)
+
+
+@dataclass(frozen=True)
+class ConditionConfig:
+    """What the samples are conditioned on (docs/families.md).
+
+    Class models: ``classes`` is the cycle of class ids used for calibration, tuning, VC and evaluation (empty:
+    every class in turn). Text models: ``prompts`` is a ``datasets`` directory (``save_to_disk``) with a ``prompt``
+    column, encoded once with the base model's own text encoders; ``negative_prompt`` (null: "") is the null
+    condition of CFG; ``max_sequence_length`` the text encoder's token budget (null: the pipeline's default).
+    """
+
+    classes: list[int] = _f([])
+    prompts: str | None = None
+    negative_prompt: str | None = None  # null: the empty prompt
+    max_sequence_length: int | None = _f(None, ge=1, le=4096)
+
+    def validate(self, path: str) -> None:
+        for i, c in enumerate(self.classes):
+            if c < 0:
+                raise RecipeError(f"{path}.classes[{i}]: must be >= 0, got {c}")
+        if self.classes and self.prompts is not None:
+            raise RecipeError(f"{path}.prompts: give classes (class models) or prompts (text models), not both")
 
 
 @dataclass(frozen=True)
@@ -171,6 +194,7 @@ class Recipe:
 
     model: ModelConfig
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -133,14 +133,19 @@ def plot_schedule(steps: int, full_steps: list[int] | None) -> bytes:
 
 
 def plot_quality_vs_nfc(points: list[dict], chosen: dict) -> bytes:
+    """FID-to-FP against NFC; PSNR against NFC for models without a FID feature network (fid_to_fp null)."""
     fig, ax = _figure(figsize=(6, 3.4))
     pts = sorted(points, key=lambda p: p["nfc"])
+    key = "fid_to_fp" if chosen.get("fid_to_fp") is not None else "psnr"
     if pts:
-        ax.plot([p["nfc"] for p in pts], [p["fid_to_fp"] for p in pts], "o-", label="quantized + cache (no VC)")
-    ax.plot([chosen["nfc"]], [chosen["fid_to_fp"]], "r*", ms=12, label="compressed (this artifact)")
+        ax.plot([p["nfc"] for p in pts], [p[key] for p in pts], "o-", label="quantized + cache (no VC)")
+    ax.plot([chosen["nfc"]], [chosen[key]], "r*", ms=12, label="compressed (this artifact)")
     ax.set_xlabel("NFC")
-    ax.set_ylabel("FID to FP")
-    ax.set_yscale("symlog", linthresh=0.1)
+    if key == "fid_to_fp":
+        ax.set_ylabel("FID to FP")
+        ax.set_yscale("symlog", linthresh=0.1)
+    else:
+        ax.set_ylabel("PSNR vs FP (dB)")
     ax.legend()
     return _png(fig)
 

@@ -1,13 +1,15 @@
-"""The denoising loop for class-conditional DiTs, with hook points for caching and variance compensation.
+"""The denoising loop for diffusion transformers, with hook points for caching and variance compensation.
 
-One ``Sampler`` owns a transformer, a diffusers scheduler (DDIM by default, DDPM, DPM-Solver++) and a list of
-``SamplerHook`` objects. For every batch it calls, in order::
+One ``Sampler`` owns a transformer, a diffusers scheduler (DDIM by default, DDPM, DPM-Solver++; flow-matching Euler
+for flow models), a conditioner and a list of ``SamplerHook`` objects. The model family (``qcache.families``)
+says how one step is called; the conditioner maps integer condition ids (class labels, or indices into a prompt
+list) to conditions and gives the null condition of classifier-free guidance. For every batch it calls, in order::
 
     hook.on_start(state)                      once, before the first step
     for each step:
         hook.before_model(state)              state.latents = x_t, state.timestep, state.index
         model call (CFG: conditional and unconditional halves in one batch)
-        hook.after_model(state)               state.model_output = guided noise prediction
+        hook.after_model(state)               state.model_output = guided prediction (noise, or velocity)
         scheduler step
         hook.after_step(state)                state.latents = x_{t-1}; a hook may replace it
     hook.on_end(state)
@@ -25,14 +27,19 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .errors import QcacheError
+from .families import Condition, Conditioner, family_for
 from .recipe import SamplingConfig
 
-SCHEDULERS = ("ddim", "ddpm", "dpmsolver++")
+SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "flow-euler")
 
 
 @dataclass
 class StepState:
-    """What a hook sees at a hook point. ``latents`` and ``model_output`` are float32, shape (B, C, H, W)."""
+    """What a hook sees at a hook point. ``latents`` and ``model_output`` are float32, shape (B, C, H, W).
+
+    ``class_labels`` are the batch's integer condition ids (class labels, or prompt indices for text models).
+    """
 
     index: int
     num_steps: int
@@ -65,7 +72,11 @@ class SamplerHook:
 
 @dataclass
 class SampleSet:
-    """Generated samples: ``images`` (N, C, H, W) float32 on CPU, and the class labels they were asked for."""
+    """Generated samples: ``images`` (N, C, H, W) float32 on CPU, and the condition ids they were asked for.
+
+    The sampler returns the final samples in the model's space (latents of latent-space models);
+    ``ModelParts.to_pixels`` decodes them.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -73,9 +84,11 @@ class SampleSet:
 
 def make_scheduler(name: str, base_config: dict):
     """A fresh diffusers scheduler of kind ``name`` built on the model's training schedule."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     base = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    if name == "flow-euler":
+        return FlowMatchEulerDiscreteScheduler.from_config(base)
     if name == "ddim":
         return DDIMScheduler.from_config(base)
     if name == "ddpm":
@@ -96,30 +109,42 @@ def make_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
 
 
 class Sampler:
-    """Samples a class-conditional diffusers DiT with CFG through a diffusers scheduler, calling hooks at each step."""
+    """Samples a diffusers transformer with CFG through a diffusers scheduler, calling hooks at each step.
+
+    ``conditioner`` maps condition ids to conditions (default: the family's class conditioner; text models need a
+    ``PromptConditioner``).
+    """
 
     def __init__(self, transformer: torch.nn.Module, scheduler_config: dict, config: SamplingConfig,
-                 hooks: Sequence[SamplerHook] = ()) -> None:
+                 hooks: Sequence[SamplerHook] = (), conditioner: Conditioner | None = None) -> None:
         self.transformer = transformer
         self.scheduler_config = dict(scheduler_config)
         self.config = config
         self.hooks: list[SamplerHook] = list(hooks)
+        self.family = family_for(transformer)
+        self.conditioner = conditioner if conditioner is not None else self.family.default_conditioner(transformer)
+        if config.scheduler in SCHEDULERS:
+            self.family.check_scheduler(config.scheduler, transformer)
         make_scheduler(config.scheduler, self.scheduler_config)  # fail early on a bad name
 
     # ---- model facts -------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        return int(self.transformer.config.num_embeds_ada_norm)
+        """Number of condition ids: classes of a class model, prompts of a text model's prompt list."""
+        return self.conditioner.num_ids
 
     @property
     def null_class(self) -> int:
-        """The label the unconditional half of a CFG batch gets (DiT's label table has one extra row)."""
-        return self.num_classes
+        """The label the unconditional half of a CFG batch gets (class models: DiT's extra label-table row)."""
+        null = getattr(self.conditioner, "null_class", None)
+        if null is None:
+            raise QcacheError(f"{type(self.transformer).__name__} is text-conditional: its null condition is the "
+                              f"negative prompt, not a class")
+        return int(null)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        c = self.transformer.config
-        return (int(c.in_channels), int(c.sample_size), int(c.sample_size))
+        return self.family.sample_shape(self.transformer)
 
     @property
     def device(self) -> torch.device:
@@ -140,14 +165,23 @@ class Sampler:
                 self.hooks.remove(hook)
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Guided noise prediction for x_t: conditional and unconditional halves in one model call."""
+    def model_condition(self, labels: torch.Tensor | Condition) -> Condition:
+        """The condition of one model call for a batch of ids: with CFG, the conditional rows then the null rows."""
+        cond = labels if isinstance(labels, Condition) else self.conditioner.condition(labels)
+        if self.config.guidance_scale > 1.0:
+            cond = cond.cat(self.conditioner.null(len(cond)))
+        return cond.to(self.device, self.dtype)
+
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | Condition,
+                      model_cond: Condition | None = None) -> torch.Tensor:
+        """Guided prediction for x_t (noise, or velocity for flow models): conditional and unconditional halves in
+        one model call. ``model_cond`` (from ``model_condition``) skips rebuilding the condition every step."""
         s = self.config.guidance_scale
         cfg = s > 1.0
         x = torch.cat([latents, latents]) if cfg else latents
-        y = torch.cat([labels, torch.full_like(labels, self.null_class)]) if cfg else labels
+        cond = self.model_condition(labels) if model_cond is None else model_cond
         t = timestep.expand(x.shape[0]).to(self.device)
-        out = self.transformer(x.to(self.dtype), timestep=t, class_labels=y, return_dict=False)[0].float()
+        out = self.family.forward(self.transformer, x.to(self.dtype), t, cond).float()
         eps = out[:, : latents.shape[1]]  # learned-sigma models also predict variance channels: drop them
         if not cfg:
             return eps
@@ -160,10 +194,13 @@ class Sampler:
                 bar: tqdm | None = None) -> torch.Tensor:
         """Run the whole denoising loop on one batch; returns x_0 (float32, on CPU)."""
         scheduler = make_scheduler(self.config.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(self.config.steps, device=self.device)
-        latents = noise.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        extra = self.family.timestep_kwargs(self.scheduler_config, self.sample_shape, self.transformer)
+        scheduler.set_timesteps(self.config.steps, device=self.device, **extra)
+        latents = noise.to(self.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
+        model_cond = self.model_condition(labels.cpu())
         labels = labels.to(self.device)
         steps = len(scheduler.timesteps)
+        scale_input = getattr(scheduler, "scale_model_input", None)
         state = StepState(0, steps, scheduler.timesteps[0], latents, labels, self.config.guidance_scale)
         for hook in self.hooks:
             hook.on_start(state)
@@ -171,8 +208,8 @@ class Sampler:
             state.index, state.timestep, state.latents, state.model_output = i, t, latents, None
             for hook in self.hooks:
                 hook.before_model(state)
-            model_in = scheduler.scale_model_input(latents, t)
-            state.model_output = self.predict_noise(model_in, t, labels)
+            model_in = latents if scale_input is None else scale_input(latents, t)
+            state.model_output = self.predict_noise(model_in, t, labels, model_cond)
             for hook in self.hooks:
                 hook.after_model(state)
             latents = scheduler.step(state.model_output, t, latents, generator=generator, return_dict=False)[0]
@@ -191,7 +228,8 @@ class Sampler:
                noise: torch.Tensor | None = None, progress: bool = True, desc: str = "sampling") -> SampleSet:
         """Sample n images in batches of ``config.batch_size``; seed (default ``config.seed``) fixes everything."""
         seed = self.config.seed if seed is None else seed
-        labels = default_labels(n, self.num_classes) if labels is None else labels.long().cpu()
+        labels = self.conditioner.default_ids(n) if labels is None else labels.long().cpu()
+        self.conditioner.check_ids(labels)
         noise = make_noise(n, self.sample_shape, seed) if noise is None else noise
         if len(labels) != n or len(noise) != n:
             raise ValueError(f"need {n} labels and noise tensors, got {len(labels)} and {len(noise)}")

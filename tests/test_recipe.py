@@ -49,7 +49,7 @@ def test_int_accepted_for_float_field():
         ({"model": {}, "sampling": {"steps": 2.5}}, "sampling.steps: must be an integer, got 2.5"),
         ({"model": {}, "sampling": {"steps": True}}, "sampling.steps: must be an integer, got True"),
         ({"model": {}, "sampling": {"guidance_scale": 0.5}}, "sampling.guidance_scale: must be >= 1.0, got 0.5"),
-        ({"model": {}, "sampling": {"scheduler": "euler"}}, "sampling.scheduler: must be one of 'ddim', 'ddpm', 'dpmsolver++', got 'euler'"),
+        ({"model": {}, "sampling": {"scheduler": "euler"}}, "sampling.scheduler: must be one of 'ddim', 'ddpm', 'dpmsolver++', 'flow-euler', got 'euler'"),
         ({"model": {}, "sampling": {"stepz": 3}}, "sampling.stepz: unknown key"),
         ({"model": {}, "sampling": [1, 2]}, "sampling: must be a mapping, got [1, 2]"),
         ({"model": {"source": ""}}, "model.source: must be a non-empty string, got ''"),

@@ -19,7 +19,7 @@ from ..errors import QcacheError
 from ..recipe import CacheConfig
 from ..sampling import SamplerHook, StepState
 from .accounting import CacheStats
-from .adapters import cache_layout, module_input
+from .adapters import ModuleIO, cache_layout
 from .forecast import Forecaster, RelationalEstimator, sample_dist, sample_norm
 from .policies import AllSteps, FixedSchedule, RelationalSchedule, StepPolicy
 
@@ -61,26 +61,27 @@ class _ModuleCacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: "FeatureCache", name: str, state: _ModuleState, watched: bool) -> None:
+    def __init__(self, cache: "FeatureCache", name: str, state: _ModuleState, watched: bool, io: ModuleIO) -> None:
         super().__init__()
         self.cache = cache
         self.name = name
         self.state = state
         self.watched = watched
+        self.io = io  # how the module's call maps to the one input / output tensor the cache works on
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        cache = self.cache
-        inp = module_input(args, kwargs)
+        cache, io = self.cache, self.io
+        inp = io.input(args, kwargs)
         if self.watched:
             cache._decide(inp)
         if cache.full:
             out = self.fn_ref.original_forward(*args, **kwargs)
-            self.state.observe(cache.step, inp, out)
+            self.state.observe(cache.step, inp, io.pack(out))
             return out
         pred = self.state.forecast(cache.step, inp)
         if cache.errors is not None:  # diagnostics: compute the real output too and keep the forecast error
-            cache._record_error(self.name, pred, self.fn_ref.original_forward(*args, **kwargs))
-        return pred
+            cache._record_error(self.name, pred, io.pack(self.fn_ref.original_forward(*args, **kwargs)))
+        return io.unpack(pred, args, kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state.reset()
@@ -132,7 +133,8 @@ class FeatureCache(SamplerHook):
         for name in self.layout.names:
             st = _ModuleState(module_mode, cfg.order, cfg.expansion, store)
             reg = HookRegistry.check_if_exists_or_initialize(modules[name])
-            reg.register_hook(_ModuleCacheHook(self, name, st, name == self.layout.watched), HOOK_NAME)
+            reg.register_hook(_ModuleCacheHook(self, name, st, name == self.layout.watched, self.layout.io_of(name)),
+                              HOOK_NAME)
             self._states[name] = st
             self._registries.append(reg)
         reg = HookRegistry.check_if_exists_or_initialize(transformer)

@@ -2,8 +2,10 @@
 
 A source is ``builtin:NAME`` (shipped with qcache), a local directory in diffusers layout (a pipeline directory
 with ``transformer/`` and ``scheduler/``, or a bare transformer directory), or a hub id such as
-``facebook/DiT-XL-2-256`` loaded with the real ``from_pretrained``. Every failure is one line that names
-``model.source`` and the cause.
+``facebook/DiT-XL-2-256`` loaded with the real ``from_pretrained``. The transformer's diffusers class picks its
+model family (``qcache.families``: DiT, PixArt, SD3). ``load_parts`` then builds what surrounds it: the
+conditioner (class labels, or the recipe's prompts through the pipeline's own text encoders) and the VAE decoder
+of latent-space models. Every failure is one line that names ``model.source`` (or the recipe key) and the cause.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ..errors import QcacheError
-from ..recipe import ModelConfig
+from ..families.registry import family_for_class, supported_classes
+from ..recipe import ConditionConfig, ModelConfig
 from .builtin_models import BUILTIN_DIR, BUILTIN_PREFIX, builtin_names
 
-SUPPORTED_CLASSES = ("DiTTransformer2DModel",)
+SUPPORTED_CLASSES = supported_classes()
 # DiT's published training schedule; used when a source ships no scheduler config.
 DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,13 +29,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    """A loaded transformer in eval mode, with the scheduler config it was trained under."""
+    """A loaded transformer in eval mode, with the scheduler config it was trained under.
+
+    ``location`` is where its pipeline lives (a local directory, or the hub id): text encoders and the VAE load
+    from there.
+    """
 
     transformer: torch.nn.Module
     scheduler_config: dict
     source: str
     device: torch.device
     dtype: torch.dtype
+    location: str = ""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,7 +79,7 @@ def _read_json(path: Path) -> dict:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load ``cfg.source`` onto ``cfg.device`` in ``cfg.dtype``; raise QcacheError with a one-line reason on failure."""
-    from diffusers import DiTTransformer2DModel
+    import diffusers
 
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -82,40 +90,101 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         if not (tdir / "config.json").is_file():
             raise QcacheError(f"model.source: no config.json in {tdir} (not a diffusers model directory)")
         class_name = _read_json(tdir / "config.json").get("_class_name")
-        if class_name not in SUPPORTED_CLASSES:
-            raise QcacheError(f"model.source: model class {class_name!r} is not supported yet "
-                              f"(supported: {', '.join(SUPPORTED_CLASSES)})")
+        family_for_class(str(class_name))  # unsupported class: one line naming model.source
+        cls = getattr(diffusers, class_name)
         try:
-            transformer = DiTTransformer2DModel.from_pretrained(str(tdir), torch_dtype=dtype)
+            transformer = cls.from_pretrained(str(tdir), torch_dtype=dtype)
         except Exception as e:  # corrupt or truncated weights, missing files
             raise QcacheError(f"model.source: cannot load weights from {tdir}: {str(e).splitlines()[0]}") from None
         sched_file = local / "scheduler" / "scheduler_config.json"
         sched = _read_json(sched_file) if sched_file.is_file() else dict(DEFAULT_SCHEDULER_CONFIG)
+        location = str(local)
     else:
-        transformer = _from_hub(DiTTransformer2DModel, cfg.source, dtype)
+        transformer = _from_hub(cfg.source, dtype)
         try:
             from diffusers import DDIMScheduler
 
             sched = dict(DDIMScheduler.load_config(cfg.source, subfolder="scheduler"))
         except Exception:
             sched = dict(DEFAULT_SCHEDULER_CONFIG)
+        location = cfg.source
     transformer = transformer.to(device).eval().requires_grad_(False)
-    return LoadedModel(transformer, sched, cfg.source, device, dtype)
+    return LoadedModel(transformer, sched, cfg.source, device, dtype, location)
 
 
-def _from_hub(cls: type, repo_id: str, dtype: torch.dtype) -> torch.nn.Module:
+def resolve_location(source: str) -> str:
+    """Where the pipeline of ``source`` lives: its local directory (builtin models included), or the hub id."""
+    local = _local_dir(source)
+    return str(local) if local is not None else source
+
+
+def build_parts(transformer: torch.nn.Module, location: str, device: torch.device, dtype: torch.dtype,
+                condition: ConditionConfig | None = None, prompts: list[str] | None = None,
+                vae: bool | None = None):
+    """The ``ModelParts`` of a transformer whose pipeline lives at ``location``: family, conditioner, VAE decoder.
+
+    Class models get a ``ClassConditioner`` (``condition.classes`` as the default id cycle). Text models read
+    ``condition.prompts`` (unless ``prompts`` is given) and encode them once with the pipeline's own text
+    encoders. The VAE is the pipeline's ``vae/`` (hub ids: always, checked on first use); a latent-space family
+    without one is an error. ``vae`` forces the decision (an artifact records it).
+    """
+    from ..families.parts import LazyVae, ModelParts
+    from ..families.registry import family_for
+    from ..families.text import read_prompts
+
+    condition = condition or ConditionConfig()
+    family = family_for(transformer)
+    if family.text_conditioned and prompts is None:
+        if condition.prompts is None:
+            raise QcacheError(f"condition.prompts: {type(transformer).__name__} is text-conditional; give a prompt "
+                              f"dataset (a datasets directory with a 'prompt' column)")
+        prompts = read_prompts(condition.prompts)
+    if not family.text_conditioned and condition.prompts is not None:
+        raise QcacheError(f"condition.prompts: {type(transformer).__name__} is class-conditional; use "
+                          f"condition.classes instead")
+    if vae is None:  # hub pipelines ship their VAE (checked on first use); local ones have a vae/ folder or none
+        vae = not Path(location).is_dir() or (Path(location) / "vae" / "config.json").is_file()
+    if not vae and family.needs_vae:
+        raise QcacheError(f"model.source: {type(transformer).__name__} is a latent-space model but {location} has "
+                          f"no vae/ folder")
+    conditioner = family.make_conditioner(transformer, location, condition, prompts, device, dtype)
+    return ModelParts(family, conditioner, LazyVae(location, device, dtype) if vae else None)
+
+
+def load_parts(loaded: LoadedModel, condition: ConditionConfig | None = None, prompts: list[str] | None = None):
+    """``build_parts`` for a ``LoadedModel``."""
+    return build_parts(loaded.transformer, loaded.location or resolve_location(loaded.source), loaded.device,
+                       loaded.dtype, condition, prompts)
+
+
+def _hub_class(repo_id: str, local_only: bool) -> type:
+    """The transformer class named by a hub repository's ``transformer/config.json``."""
+    import diffusers
+
+    cfg = diffusers.DiTTransformer2DModel.load_config(repo_id, subfolder="transformer", local_files_only=local_only)
+    family_for_class(str(cfg.get("_class_name")))
+    return getattr(diffusers, cfg["_class_name"])
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype) -> torch.nn.Module:
     """``from_pretrained`` on a hub id: the local cache first, then the network; one clear line when both fail."""
     import os
 
     try:
+        cls = _hub_class(repo_id, local_only=True)
         return cls.from_pretrained(repo_id, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    except QcacheError:
+        raise
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise QcacheError(f"model.source: {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
                           f"set; download it first or point model.source at a local directory") from None
     try:
+        cls = _hub_class(repo_id, local_only=False)
         return cls.from_pretrained(repo_id, subfolder="transformer", torch_dtype=dtype)
+    except QcacheError:
+        raise
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise QcacheError(f"model.source: could not load {repo_id!r} from the Hugging Face hub (no network, or no "

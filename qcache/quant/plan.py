@@ -12,6 +12,8 @@ from fnmatch import fnmatch
 import torch
 
 from ..errors import QcacheError
+from ..families.dit import DiTFamily
+from ..families.registry import family_for
 from ..recipe import QuantConfig
 
 # preset -> (weights, activations)
@@ -22,12 +24,13 @@ PRESETS: dict[str, tuple[str, str]] = {
     "W4": ("int4", "none"),
     "none": ("none", "none"),
 }
-# Timestep/label embedders and adaLN modulation linears (DiT: one per block; PixArt: one shared adaln_single).
-# Their activations (timestep features, SiLU(embedding)) are never quantized; their weights follow
-# ``QuantConfig.conditioning_weights``.
-CONDITIONING_PATTERNS: tuple[str, ...] = ("*norm1.emb.*", "*norm1.linear", "adaln_single.*", "*time_proj*")
-# Always full precision unless an override names them: patch embedding and the final projection.
-KEEP_PATTERNS: tuple[str, ...] = ("pos_embed.*", "proj_out*")
+# The patterns are per model family (``qcache.families``: ``ModelFamily.quant``). Conditioning: timestep/label/text
+# embedders and adaLN modulation linears (DiT: one per block; PixArt: one shared adaln_single + caption projection;
+# SD3: time_text_embed, context_embedder, norm1/norm1_context linears). Their activations are never quantized;
+# their weights follow ``QuantConfig.conditioning_weights``. Keep: always full precision unless an override names
+# them (patch embedding, final projection). The DiT family's lists, kept here under their old names:
+CONDITIONING_PATTERNS: tuple[str, ...] = DiTFamily.quant.conditioning
+KEEP_PATTERNS: tuple[str, ...] = DiTFamily.quant.keep
 CANDIDATE_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
 
 
@@ -38,6 +41,7 @@ def _matches(name: str, patterns) -> bool:
 def plan_quantization(model: torch.nn.Module, cfg: QuantConfig) -> dict[str, dict[str, str]]:
     """Resolve ``cfg`` against ``model``'s module names; unmatched override/exclude patterns are an error."""
     weights, acts = PRESETS[cfg.preset]
+    patterns = family_for(model).quant
     cond_w = weights if cfg.conditioning_weights == "preset" else cfg.conditioning_weights
     names = [n for n, m in model.named_modules() if isinstance(m, CANDIDATE_TYPES)]
     for i, p in enumerate(cfg.exclude):
@@ -50,9 +54,9 @@ def plan_quantization(model: torch.nn.Module, cfg: QuantConfig) -> dict[str, dic
     plan = {}
     for name in names:
         w, a = weights, acts
-        if _matches(name, CONDITIONING_PATTERNS):
+        if _matches(name, patterns.conditioning):
             w, a = cond_w, "none"
-        if _matches(name, KEEP_PATTERNS) or _matches(name, cfg.exclude):
+        if _matches(name, patterns.keep) or _matches(name, cfg.exclude):
             w, a = "none", "none"
         for ov in cfg.overrides:  # the last matching override wins
             if fnmatch(name, ov.pattern):

@@ -25,22 +25,34 @@ FORMAT = "qcache-quanto/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def run_calibration(model: torch.nn.Module, calib, guidance: bool = True, batch_size: int = 128) -> None:
-    """One forward pass of the model over every row of ``calib`` (columns x, timestep, class_label).
+def run_calibration(model: torch.nn.Module, calib, guidance: bool = True, batch_size: int = 128,
+                    conditioner: "Conditioner | None" = None) -> None:  # noqa: F821 - qcache.families
+    """One forward pass of the model over every row of ``calib`` (columns x, timestep and the conditioner's id
+    column: ``class_label`` for class models, ``prompt_index`` for text models).
 
-    With ``guidance`` each row also runs with the null class in the same batch, as the CFG sampler does.
+    ``conditioner`` (default: the family's class conditioner) turns the ids back into the conditions the rows were
+    sampled with. With ``guidance`` each row also runs with the null condition in the same batch, as the CFG
+    sampler does.
     """
+    from ..families.registry import family_for
+
+    family = family_for(model)
+    conditioner = conditioner if conditioner is not None else family.default_conditioner(model)
     param = next(model.parameters())
-    null = int(model.config.num_embeds_ada_norm)
-    ds = calib.with_format("torch", columns=["x", "timestep", "class_label"])
+    col = conditioner.column
+    if col not in calib.column_names:
+        raise QcacheError(f"calibration: the calibration set has no {col!r} column (columns: {calib.column_names}); "
+                          f"it was collected for another kind of model")
+    ds = calib.with_format("torch", columns=["x", "timestep", col])
     with torch.no_grad():
         for start in range(0, len(ds), batch_size):
             rows = ds[start:start + batch_size]
-            x, t, y = rows["x"].to(param.device, param.dtype), rows["timestep"].to(param.device), rows["class_label"]
-            y = y.to(param.device)
+            x, t = rows["x"].to(param.device, param.dtype), rows["timestep"].to(param.device)
+            cond = conditioner.condition(rows[col])
             if guidance:
-                x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])
-            model(x, timestep=t, class_labels=y, return_dict=False)
+                x, t = torch.cat([x, x]), torch.cat([t, t])
+                cond = cond.cat(conditioner.null(len(rows[col])))
+            family.forward(model, x, t, cond.to(param.device, param.dtype))
 
 
 def round_kept_tensors(model: torch.nn.Module, plan: dict, keep_dtype: str) -> None:
@@ -84,11 +96,12 @@ def set_output_quantization(model: torch.nn.Module, decisions: dict[str, bool]) 
 
 
 def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=None, *, guidance: bool = True,
-                         batch_size: int = 128) -> torch.nn.Module:
+                         batch_size: int = 128, conditioner=None) -> torch.nn.Module:
     """Quantize ``transformer`` in place per ``cfg``; activation ranges come from all rows of ``calib``.
 
-    ``calib`` is a ``datasets.Dataset`` with columns x, timestep, class_label (see ``calibration``); it is needed
-    only when some module quantizes activations. Call it on a model without an active feature cache. Returns the
+    ``calib`` is a ``datasets.Dataset`` with columns x, timestep and the condition ids (see ``calibration``); it
+    is needed only when some module quantizes activations; ``conditioner`` maps the ids to conditions (default:
+    the family's class conditioner). Call it on a model without an active feature cache. Returns the
     same module, frozen, with ``transformer.qcache_quant`` describing what was done (used by ``save_quantized``).
     """
     plan = plan_quantization(transformer, cfg)
@@ -100,7 +113,7 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
     ranges = {}
     if act_names:
         ranges = observe_ranges(transformer, act_names, lambda: run_calibration(transformer, calib, guidance,
-                                                                                batch_size),
+                                                                                batch_size, conditioner),
                                 cfg.observer, cfg.percentile)
     apply_plan(transformer, plan)
     decisions = {}
