@@ -183,3 +183,17 @@ def test_compiled_regions_under_the_feature_cache_match_eager():
             assert getattr(m.transformer_blocks[0].attn1, "_qcache_compiled", False)
             assert "forward" in m.transformer_blocks[0].attn1.__dict__  # the compiled forward survives remove()
     assert torch.equal(outs[0], outs[1])
+
+
+def test_feature_cache_on_a_bfloat16_model_keeps_its_dtype():
+    """Forecasts are computed in float32; a bf16 model must get bf16 back (else the next Linear fails)."""
+    from qcache.cache import attach_cache
+    from qcache.sampling import Sampler
+
+    m = quantize_transformer(tiny_dit(), QuantConfig(backend="torchao", preset="none", compute_dtype="bfloat16"))
+    s = Sampler(m, SCHEDULER_CONFIG, SamplingConfig(steps=8, batch_size=3))
+    cache = attach_cache(m, CacheConfig(policy="rfc", rcs=False, order=2, target_nfc=4, warmup=2))
+    with s.extra_hooks(cache):
+        out = s.sample(3, seed=0, progress=False).images
+    cache.remove()
+    assert cache.stats.report()["nfc"] == 4 and torch.isfinite(out).all()
