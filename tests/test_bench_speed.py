@@ -37,6 +37,8 @@ def test_cpu_profile_rows(tmp_path):
         else:
             assert r["nfc"] == 6 and r["full_steps"] is None
     assert rows["FP bf16"]["dtype"] == "bfloat16" and rows["int8"]["quant"].startswith("int8")
+    assert rows["FP bf16"]["timed_steps"] == 5 and rows["FP bf16"]["extrapolated"]  # CPU bf16: scaled from 5 steps
+    assert rows["FP bf16"]["psnr_vs_baseline_db"] is None and not rows["int8"]["extrapolated"]
     assert rep["model"]["num_layers"] == 1 and rep["model"]["attention_head_dim"] == 64  # mid-size shape
     assert set(rep["microbench"]["forward_s"]) == {"fp32", "bf16", "int8", "int8 (torchao stock torch._int_mm)"}
     assert "acceptance" not in rep  # no NFC 14 row in this run
@@ -50,7 +52,7 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
     assert list(rows) == ["FP bf16", "FP bf16 eager", "int8", "RFC NFC4", "RFC NFC3", "int8 + RFC NFC4",
                           "int8 + RFC NFC3"]
     assert rep["baseline"] == "FP bf16" and rows["FP bf16"]["compile"] and not rows["FP bf16 eager"]["compile"]
-    assert all(r["dtype"] == "bfloat16" for r in rows.values())
+    assert all(r["dtype"] == "bfloat16" and not r["extrapolated"] for r in rows.values())
     assert rep["model"]["attention_head_dim"] == 72 and rep["model"]["num_attention_heads"] == 16
 
 

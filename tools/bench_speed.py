@@ -4,10 +4,12 @@
     python tools/bench_speed.py --json docs/results/bench_speed_cpu.json      # CPU: mid-size DiT, fp32 baseline
 
 The model is a ``DiTTransformer2DModel`` with random weights (speed does not depend on them): DiT-XL/2 at 256x256
-(latent 32) on a GPU, or a mid-size DiT-S/2-shaped model (12 blocks of width 384, latent 16) on a CPU. Sampling is
-the library's own loop (``qcache.sampling.Sampler``): DDIM, 50 steps, classifier-free guidance 1.5 (one batch of
-2 x batch rows per model call), batch 8. Every configuration is timed in interleaved rounds in this same run and
-``latency_ratio`` = median time of the baseline / median time of the row.
+(latent 32) on a GPU, or the mid-size DiT-S/2 (12 blocks of width 384, 6 heads) at the same 256x256 on a CPU.
+Sampling is the library's own loop (``qcache.sampling.Sampler``): DDIM, 50 steps, classifier-free guidance 1.5 (one
+batch of 2 x batch rows per model call), batch 8. Every configuration is timed in interleaved rounds in this same
+run and ``latency_ratio`` = median time of the baseline / median time of the row. The baseline is fp32 on CPU
+(bf16 is reported too, but CPUs without bf16 units run it an order of magnitude slower, so that row times
+``--slow-steps`` steps and scales them: ``extrapolated: true``) and bf16 with ``torch.compile`` on GPU.
 
 Caching uses the public cache API: an evenly spread static schedule of NFC full steps (``uniform_full_steps``,
 warm-up 2) replayed (``replay``) with the rfc policy's forecasts (RFE, order 2) and ``rcs: false``. With random
@@ -44,7 +46,7 @@ from qcache.recipe import CacheConfig, QuantConfig, SamplingConfig  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
 
 FULL = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32)  # DiT-XL/2, 256x256
-MID = dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, sample_size=16)  # DiT-S/2 shape
+MID = dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, sample_size=32)  # DiT-S/2, 256x256
 COMMON = dict(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000)
 SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 WARMUP = 2
@@ -73,6 +75,7 @@ class Config:
     variant: Variant
     schedule: StaticSchedule | None
     repeats: int
+    timed_steps: int  # steps really sampled; the time is scaled to the full step count when fewer
     times: list[float] = dataclasses.field(default_factory=list)
     output: torch.Tensor | None = None
 
@@ -226,8 +229,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--nfcs", default="14,10", help="NFC of the RFC rows")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
-    ap.add_argument("--slow-repeats", type=int, default=None,
-                    help="rounds for the CPU bf16 row (default 1 on CPU: it is several times slower there)")
+    ap.add_argument("--slow-steps", type=int, default=None,
+                    help="CPU bf16 row: time this many steps and scale to --steps (default 5 on CPU, where bf16 is "
+                         "an order of magnitude slower; every uncached step costs the same)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA only")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: code path check)")
     ap.add_argument("--no-int8", action="store_true")
@@ -236,7 +240,7 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def build_configs(vs: list[Variant], nfcs: list[int], steps: int, repeats: int, slow_repeats: int,
+def build_configs(vs: list[Variant], nfcs: list[int], steps: int, repeats: int, slow_steps: int,
                   gpu_profile: bool) -> list[Config]:
     """Rows: every variant uncached, then the baseline precision and every quantized variant with each RFC NFC."""
     scheds = {n: rfc_schedule(steps, n) for n in nfcs}
@@ -244,12 +248,12 @@ def build_configs(vs: list[Variant], nfcs: list[int], steps: int, repeats: int, 
     configs = []
     for v in vs:
         slow = not gpu_profile and v.name == "bf16"
-        configs.append(Config(f"FP {v.name}" if v.quant == "none" else v.name, v, None,
-                              slow_repeats if slow else repeats))
+        configs.append(Config(f"FP {v.name}" if v.quant == "none" else v.name, v, None, repeats,
+                              timed_steps=slow_steps if slow else steps))
     for v in cached_variants:
         for n in nfcs:
             name = f"RFC NFC{n}" if v is vs[0] else f"{v.name} + RFC NFC{n}"
-            configs.append(Config(name, v, scheds[n], repeats))
+            configs.append(Config(name, v, scheds[n], repeats, timed_steps=steps))
     return configs
 
 
@@ -270,7 +274,9 @@ def main() -> None:
     float8 = (not args.no_float8 and device.type == "cuda"
               and torch.cuda.get_device_capability(device) >= (8, 9))
     require_torchao()  # every variant, the baselines included, is built by the torchao speed backend
-    slow_repeats = args.slow_repeats if args.slow_repeats is not None else (args.repeats if gpu_profile else 1)
+    slow_steps = args.slow_steps if args.slow_steps is not None else (args.steps if gpu_profile else 5)
+    if not 1 <= slow_steps <= args.steps:
+        raise QcacheError(f"--slow-steps: must be between 1 and --steps ({args.steps}), got {slow_steps}")
     sampling = SamplingConfig(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
     log(f"{device_name(device)}; model {dims}; {args.steps} DDIM steps, CFG {args.guidance}, batch {args.batch}; "
         f"compile {compile_on}; threads {torch.get_num_threads()}")
@@ -285,8 +291,9 @@ def main() -> None:
         log(f"variant {v.name}: {v.quant}, {v.cfg.compute_dtype}, compile {v.compile}, "
             f"built in {time.perf_counter() - t0:.1f}s")
     del base
-    configs = build_configs(vs, nfcs, args.steps, args.repeats, slow_repeats, gpu_profile)
-    samplers = {v.name: Sampler(v.model, SCHEDULER, sampling) for v in vs}
+    configs = build_configs(vs, nfcs, args.steps, args.repeats, slow_steps, gpu_profile)
+    samplers = {(v.name, c.timed_steps): Sampler(v.model, SCHEDULER, dataclasses.replace(sampling, steps=c.timed_steps))
+                for c in configs for v in [c.variant]}
 
     # warm-up: compile (same batch, so no recompilation later) and first-call costs, with and without a cache
     warm = SamplingConfig(steps=3, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
@@ -308,10 +315,10 @@ def main() -> None:
         for c in configs:
             if len(c.times) >= c.repeats:
                 continue
-            dt, out, nfc = run_once(samplers[c.variant.name], c.schedule, args.batch, args.seed)
-            c.times.append(dt)
+            dt, out, nfc = run_once(samplers[c.variant.name, c.timed_steps], c.schedule, args.batch, args.seed)
+            c.times.append(dt * args.steps / c.timed_steps)
             c.output = out if c.output is None else c.output
-            log(f"round {r + 1}: {c.name:28s} {dt:8.2f}s  nfc {nfc:.0f}")
+            log(f"round {r + 1}: {c.name:28s} {dt:8.2f}s  nfc {nfc:.0f}  ({c.timed_steps} steps)")
         report = make_report(args, configs, device, dims, compile_on, micro, complete=False)
         write_json(args.json, report)
     report = make_report(args, configs, device, dims, compile_on, micro, complete=True)
@@ -338,8 +345,9 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
             "latency_ratio": base_t / lat, "device": device_name(device), "dtype": c.variant.cfg.compute_dtype,
             "date": today, "quant": c.variant.quant, "cache": "rfc (static, rfe, no rcs)" if c.schedule else "none",
             "full_steps": list(c.schedule.full_steps) if c.schedule else None, "compile": c.variant.compile,
-            "runs_s": c.times, "baseline": c is base,
-            "psnr_vs_baseline_db": psnr(base.output, c.output) if base.output is not None else None,
+            "runs_s": c.times, "baseline": c is base, "timed_steps": c.timed_steps,
+            "extrapolated": c.timed_steps != args.steps,
+            "psnr_vs_baseline_db": psnr(base.output, c.output) if c.timed_steps == args.steps else None,
         })
     report = {
         "rows": rows, "complete": complete, "baseline": base.name, "model": {**dims, **COMMON},
