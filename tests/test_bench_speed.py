@@ -37,7 +37,7 @@ def test_cpu_profile_rows(tmp_path):
         else:
             assert r["nfc"] == 6 and r["full_steps"] is None
     assert rows["FP bf16"]["dtype"] == "bfloat16" and rows["int8"]["quant"].startswith("int8")
-    assert rows["FP bf16"]["timed_steps"] == 5 and rows["FP bf16"]["extrapolated"]  # CPU bf16: scaled from 5 steps
+    assert rows["FP bf16"]["timed_steps"] == 3 and rows["FP bf16"]["extrapolated"]  # CPU bf16: scaled from 3 steps
     assert rows["FP bf16"]["psnr_vs_baseline_db"] is None and not rows["int8"]["extrapolated"]
     assert rep["model"]["num_layers"] == 1 and rep["model"]["attention_head_dim"] == 64  # mid-size shape
     assert set(rep["microbench"]["forward_s"]) == {"fp32", "bf16", "int8", "int8 (torchao stock torch._int_mm)"}

@@ -197,3 +197,15 @@ def test_feature_cache_on_a_bfloat16_model_keeps_its_dtype():
         out = s.sample(3, seed=0, progress=False).images
     cache.remove()
     assert cache.stats.report()["nfc"] == 4 and torch.isfinite(out).all()
+
+
+def test_compile_flag_is_saved_and_reapplied_on_load(tmp_path):
+    m = quantize_transformer(tiny_dit(), QuantConfig(backend="torchao", compile=True))
+    assert all(getattr(b.attn1, "_qcache_compiled", False) for b in m.transformer_blocks)
+    out = save_quantized(m, tmp_path / "q")  # compiled forwards do not touch the state dict
+    assert json.loads((out / "quant_map.json").read_text())["compile"] is True
+    r = load_quantized(out)
+    assert all(getattr(b.ff, "_qcache_compiled", False) and getattr(b.norm1, "_qcache_compiled", False)
+               for b in r.transformer_blocks)
+    plain = load_quantized(save_quantized(quantize_transformer(tiny_dit(), AO), tmp_path / "p"))
+    assert not getattr(plain.transformer_blocks[0].attn1, "_qcache_compiled", False)

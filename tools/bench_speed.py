@@ -230,7 +230,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--nfcs", default="14,10", help="NFC of the RFC rows")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     ap.add_argument("--slow-steps", type=int, default=None,
-                    help="CPU bf16 row: time this many steps and scale to --steps (default 5 on CPU, where bf16 is "
+                    help="CPU bf16 row: time this many steps and scale to --steps (default 3 on CPU, where bf16 is "
                          "an order of magnitude slower; every uncached step costs the same)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA only")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: code path check)")
@@ -274,7 +274,7 @@ def main() -> None:
     float8 = (not args.no_float8 and device.type == "cuda"
               and torch.cuda.get_device_capability(device) >= (8, 9))
     require_torchao()  # every variant, the baselines included, is built by the torchao speed backend
-    slow_steps = args.slow_steps if args.slow_steps is not None else (args.steps if gpu_profile else 5)
+    slow_steps = args.slow_steps if args.slow_steps is not None else (args.steps if gpu_profile else 3)
     if not 1 <= slow_steps <= args.steps:
         raise QcacheError(f"--slow-steps: must be between 1 and --steps ({args.steps}), got {slow_steps}")
     sampling = SamplingConfig(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
@@ -295,14 +295,12 @@ def main() -> None:
     samplers = {(v.name, c.timed_steps): Sampler(v.model, SCHEDULER, dataclasses.replace(sampling, steps=c.timed_steps))
                 for c in configs for v in [c.variant]}
 
-    # warm-up: compile (same batch, so no recompilation later) and first-call costs, with and without a cache
-    warm = SamplingConfig(steps=3, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
-    warm_sched = StaticSchedule("ddim", 3, (0, 1), "rfc", rfc_schedule(args.steps, nfcs[0]).params if nfcs else {})
+    # warm-up: compilation (same batch, so no recompilation later) and first-call costs: one full, one cached step
+    warm = SamplingConfig(steps=2, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
+    warm_sched = StaticSchedule("ddim", 2, (0,), "rfc", rfc_schedule(args.steps, WARMUP).params)
     for v in vs:
         t0 = time.perf_counter()
-        s = Sampler(v.model, SCHEDULER, warm)
-        run_once(s, None, args.batch, args.seed)
-        run_once(s, warm_sched, args.batch, args.seed)
+        run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed)
         log(f"warm-up {v.name}: {time.perf_counter() - t0:.1f}s")
 
     micro = {"gemm": gemm_microbench(device, dims["num_attention_heads"] * dims["attention_head_dim"],
