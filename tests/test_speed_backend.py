@@ -209,3 +209,23 @@ def test_compile_flag_is_saved_and_reapplied_on_load(tmp_path):
                for b in r.transformer_blocks)
     plain = load_quantized(save_quantized(quantize_transformer(tiny_dit(), AO), tmp_path / "p"))
     assert not getattr(plain.transformer_blocks[0].attn1, "_qcache_compiled", False)
+
+
+def test_compress_with_the_torchao_backend_skips_calibration_and_reloads_identically(tmp_path):
+    from diffusers import DDPMScheduler
+
+    import qcache
+    from qcache.compress import compress
+    from tests.test_compress import tiny_recipe
+
+    d = tmp_path / "tiny-dit"
+    tiny_dit(out_channels=2).save_pretrained(d / "transformer", safe_serialization=True)
+    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(d / "scheduler")
+    logs: list[str] = []
+    recipe = recipe_from_dict(tiny_recipe(d, tmp_path / "out", quant={"backend": "torchao"}))
+    res = compress(recipe, tmp_path / "out", progress=False, log=logs.append)
+    assert any("pool: skipped (quant.backend torchao quantizes activations at run time)" in m for m in logs)
+    assert not (tmp_path / "out" / "stages" / "pool").exists()
+    loaded = qcache.load(tmp_path / "out", device="cpu")
+    assert loaded.transformer.qcache_quant["format"] == "qcache-torchao/1"
+    assert torch.equal(loaded.generate(4, seed=1).images, res.compressed.generate(4, seed=1).images)
