@@ -165,9 +165,12 @@ def _compress(recipe: Recipe, loaded, parts, out: Path, progress: bool, log: Cal
         calib_desc = (f"{recipe.calibration.selector} {len(selection)} of {len(pool)} pool rows "
                       f"({'cache-aware' if recipe.calibration.cache_aware and has_cache(recipe) else 'no cache'})")
     else:
+        dynamic = recipe.quant.backend == "torchao"
+        why = ("quant.backend torchao quantizes activations at run time" if dynamic
+               else f"quant.preset {recipe.quant.preset} quantizes no activations")
         for i, name in ((1, "pool"), (2, "selection")):
-            log(f"[{i}/{len(STAGES)}] {name}: skipped (quant.preset {recipe.quant.preset} quantizes no activations)")
-        calib_desc = "none (weights only)"
+            log(f"[{i}/{len(STAGES)}] {name}: skipped ({why})")
+        calib_desc = "none (dynamic activations)" if dynamic else "none (weights only)"
 
     # 3: quantize
     k_q = stage_key(selection=k_sel if calibrate else None, model=R["model"], quant=R["quant"],

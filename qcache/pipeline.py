@@ -48,9 +48,12 @@ def _quiet(msg: str) -> None:
 
 
 def needs_calibration(recipe: Recipe, fp: torch.nn.Module) -> bool:
-    """Whether the quant preset (with its overrides) quantizes any activation, i.e. needs calibration data."""
+    """Whether the quant preset (with its overrides) quantizes any activation with static ranges, i.e. needs
+    calibration data (the torchao backend quantizes activations dynamically and never does)."""
     from .quant import plan_quantization
 
+    if recipe.quant.backend == "torchao":
+        return False
     return any(s["activations"] != "none" for s in plan_quantization(fp, recipe.quant).values())
 
 

@@ -142,7 +142,11 @@ class QuantOverride:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Post-training quantization (optimum-quanto): preset, observers, which modules stay full precision."""
+    """Post-training quantization: preset, observers, which modules stay full precision, and the backend.
+
+    ``backend: quanto`` (default) is calibrated, portable compression; ``backend: torchao`` is the speed backend
+    (dynamic int8/float8 activations, optional compute-dtype cast and ``torch.compile``, no calibration).
+    """
 
     preset: Literal["W8A8", "W4A8", "W8", "W4", "none"] = "W8A8"
     observer: Literal["absmax", "percentile"] = "absmax"  # activation ranges over the whole calibration set
@@ -154,6 +158,33 @@ class QuantConfig:
     keep_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # storage of unquantized tensors
     exclude: list[str] = _f([])  # extra fnmatch patterns kept in full precision
     overrides: list[QuantOverride] = _f([])
+    # the speed backend (docs/speed.md): torchao int8 dynamic activations / float8, optional compute cast and
+    # torch.compile. quanto (default) is the portable, calibrated compression backend.
+    backend: Literal["quanto", "torchao"] = "quanto"
+    compute_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"  # torchao: cast before quantizing
+    compile: bool = False  # torchao: torch.compile the blocks' norm1/attention/feed-forward modules
+    float8: bool = False  # torchao: 8-bit weights (and activations) in float8 e4m3 instead of int8 (CUDA sm >= 8.9)
+
+    def validate(self, path: str) -> None:
+        if self.backend == "quanto":
+            for key, value, default in (("compute_dtype", self.compute_dtype, "model"),
+                                        ("compile", self.compile, False), ("float8", self.float8, False)):
+                if value != default:
+                    raise RecipeError(f"{path}.{key}: needs backend torchao, got {value!r} with backend 'quanto'")
+            return
+        if self.preset in ("W4A8", "W4"):
+            raise RecipeError(f"{path}.preset: backend torchao supports W8A8, W8 and none, got {self.preset!r}")
+        if self.conditioning_weights == "int4":
+            raise RecipeError(f"{path}.conditioning_weights: backend torchao has no int4 here, got 'int4'")
+        for i, ov in enumerate(self.overrides):
+            if ov.weights == "int4":
+                raise RecipeError(f"{path}.overrides[{i}].weights: backend torchao has no int4 here, got 'int4'")
+        if self.quantize_outputs:
+            raise RecipeError(f"{path}.quantize_outputs: backend torchao quantizes activations dynamically and "
+                              f"never its outputs, got True")
+        if self.observer != "absmax":
+            raise RecipeError(f"{path}.observer: backend torchao takes activation ranges per token at run time "
+                              f"(no observer), got {self.observer!r}")
 
 
 @dataclass(frozen=True)

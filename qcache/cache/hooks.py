@@ -79,6 +79,7 @@ class _ModuleCacheHook(ModelHook):
             self.state.observe(cache.step, inp, io.pack(out))
             return out
         pred = self.state.forecast(cache.step, inp)
+        pred = pred.to(inp.dtype)  # forecasts are computed in float32: a bf16/fp16 model gets its own dtype back
         if cache.errors is not None:  # diagnostics: compute the real output too and keep the forecast error
             cache._record_error(self.name, pred, io.pack(self.fn_ref.original_forward(*args, **kwargs)))
         return io.unpack(pred, args, kwargs)

@@ -4,6 +4,9 @@
     quantize_transformer(transformer, cfg, calib)                        # observe, quantize, write scales, freeze
     save_quantized(transformer, "out/quantized")                         # safetensors + quant_map.json
     load_quantized("out/quantized")                                      # bit-identical outputs
+
+``QuantConfig(backend="torchao")`` selects the speed backend (``torchao_backend``: dynamic int8/float8, compute
+dtype, regional ``torch.compile``) through the same four functions; torchao is imported only then.
 """
 
 from .kernels import exact_int_mm, install_exact_cpu_int_mm
@@ -11,6 +14,7 @@ from .observers import AbsmaxObserver, PercentileObserver, observe_ranges
 from .plan import CONDITIONING_PATTERNS, KEEP_PATTERNS, PRESETS, plan_quantization
 from .quantize import quantize_transformer, run_calibration
 from .serialize import checkpoint_bytes, load_quantized, save_quantized
+from .torchao_backend import compile_regions
 
 install_exact_cpu_int_mm()  # bit-identical to torch._int_mm, ~30x faster on CPUs without int8 units
 
@@ -20,5 +24,5 @@ __all__ = [
     "exact_int_mm", "install_exact_cpu_int_mm",
     "AbsmaxObserver", "PercentileObserver", "observe_ranges", "CONDITIONING_PATTERNS", "KEEP_PATTERNS", "PRESETS",
     "plan_quantization", "quantize_", "quantize_transformer", "run_calibration", "checkpoint_bytes", "load_quantized",
-    "save_quantized",
+    "save_quantized", "compile_regions",
 ]

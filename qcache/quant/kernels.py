@@ -3,8 +3,9 @@
 quanto 0.2.7 runs W8A8 on CPU through ``torch._int_mm``, which on CPUs without int8 matrix units (this project's
 2-core machines) is ~35x slower than an fp32 matmul: a W8A8 digits model sampled 9x slower than fp32. The int32
 result can be computed exactly with a float matmul: every partial sum is an integer of magnitude at most
-K * 128 * 128, so float32 is exact for K <= 1024 (2^24) in any summation order, float64 beyond. The output is
-therefore bit-identical to ``torch._int_mm``; CUDA keeps quanto's own kernels.
+K * 128 * 128, so float32 is exact for K <= 1024 (2^24) in any summation order; longer K is split into chunks of
+1024 whose exact partial products are summed in int32. The output is therefore bit-identical to ``torch._int_mm``;
+CUDA keeps quanto's own kernels. ``install_exact_cpu_int_scaled_mm`` does the same for torchao's CPU int8 path.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ EXACT_FP32_K = 2**24 // (128 * 128)  # 1024
 
 def exact_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch._int_mm(a, b)`` for int8 (M, K) x (K, N), computed exactly through a float matmul."""
-    dtype = torch.float32 if a.shape[-1] <= EXACT_FP32_K else torch.float64
-    return torch.matmul(a.to(dtype), b.to(dtype)).to(torch.int32)
+    k = a.shape[-1]
+    if k <= EXACT_FP32_K:
+        return torch.matmul(a.to(torch.float32), b.to(torch.float32)).to(torch.int32)
+    out = None
+    for start in range(0, k, EXACT_FP32_K):  # each chunk's float32 sum is exact; chunks add up in int32
+        part = torch.matmul(a[:, start:start + EXACT_FP32_K].to(torch.float32),
+                            b[start:start + EXACT_FP32_K].to(torch.float32)).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def _qbytes_int_mm(activations: torch.Tensor, weights: torch.Tensor, output_scales: torch.Tensor) -> torch.Tensor:
@@ -38,3 +46,23 @@ def install_exact_cpu_int_mm() -> None:
     if _ORIGINAL is None:
         _ORIGINAL = mod.qbytes_int_mm
         mod.qbytes_int_mm = _qbytes_int_mm
+
+
+_AO_ORIGINAL = None
+
+
+def _ao_int_scaled_mm_cpu(a: torch.Tensor, b: torch.Tensor, scales1: torch.Tensor) -> torch.Tensor:
+    return exact_int_mm(a, b).to(scales1.dtype) * scales1
+
+
+def install_exact_cpu_int_scaled_mm() -> None:
+    """Route torchao's CPU int8 x int8 GEMM (``torch._int_mm`` without VNNI/AMX units) through ``exact_int_mm``.
+
+    Same integers, same rescaling, so bit-identical; idempotent. Needs torchao (imported here, not at start-up).
+    """
+    global _AO_ORIGINAL
+    from torchao.kernel import intmm
+
+    if _AO_ORIGINAL is None:
+        _AO_ORIGINAL = intmm._int_scaled_matmul_cpu
+        intmm._int_scaled_matmul_cpu = _ao_int_scaled_mm_cpu

@@ -103,7 +103,12 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
     is needed only when some module quantizes activations; ``conditioner`` maps the ids to conditions (default:
     the family's class conditioner). Call it on a model without an active feature cache. Returns the
     same module, frozen, with ``transformer.qcache_quant`` describing what was done (used by ``save_quantized``).
+    With ``cfg.backend == "torchao"`` the speed backend runs instead (dynamic activations: ``calib`` is not used).
     """
+    if cfg.backend == "torchao":
+        from .torchao_backend import quantize_torchao
+
+        return quantize_torchao(transformer, cfg)
     plan = plan_quantization(transformer, cfg)
     act_names = [n for n, s in plan.items() if s["activations"] != "none"]
     if act_names and (calib is None or len(calib) == 0):

@@ -5,6 +5,8 @@ activation types and the explicit output-quantization decision. Unquantized floa
 ``keep_dtype`` when that is lossless (``quantize_transformer`` rounded them). Loading builds the base model with
 empty parameters but real buffers (DiT's non-persistent ``pos_embed.pos_embed`` survives), swaps in the quanto
 modules, re-applies the output decisions, loads the tensors strictly, and checks every tensor against the file.
+A model quantized by the torchao speed backend (``format: qcache-torchao/1``) is written and read by
+``torchao_serialize`` through the same two functions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import QcacheError
 from .quantize import DTYPES, FORMAT, apply_plan, set_output_quantization
+from .torchao_backend import FORMAT as AO_FORMAT  # torchao itself is imported only when used
 
 WEIGHTS_FILE = "model.safetensors"
 MAP_FILE = "quant_map.json"
@@ -60,8 +63,13 @@ def save_quantized(transformer: torch.nn.Module, directory: str | Path) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file(_storage_state_dict(transformer, info["keep_dtype"]), str(tmp / WEIGHTS_FILE),
-                  metadata={"format": FORMAT})
+        if info.get("format") == AO_FORMAT:
+            from .torchao_serialize import save_torchao
+
+            save_torchao(transformer, tmp)
+        else:
+            save_file(_storage_state_dict(transformer, info["keep_dtype"]), str(tmp / WEIGHTS_FILE),
+                      metadata={"format": FORMAT})
         (tmp / MAP_FILE).write_text(json.dumps(qmap, indent=2) + "\n")
         old = None
         if directory.exists():
@@ -83,8 +91,9 @@ def read_quant_map(directory: str | Path) -> dict:
         qmap = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise QcacheError(f"load_quantized: cannot read {path}: {e}") from None
-    if qmap.get("format") != FORMAT:
-        raise QcacheError(f"load_quantized: {path} has format {qmap.get('format')!r}, expected {FORMAT!r}")
+    if qmap.get("format") not in (FORMAT, AO_FORMAT):
+        raise QcacheError(f"load_quantized: {path} has format {qmap.get('format')!r}, expected {FORMAT!r} or "
+                          f"{AO_FORMAT!r}")
     return qmap
 
 
@@ -120,6 +129,10 @@ def load_quantized(directory: str | Path, base: Callable[[], torch.nn.Module] | 
     directory = Path(directory)
     qmap = read_quant_map(directory)
     device = torch.device(device)
+    if qmap["format"] == AO_FORMAT:
+        from .torchao_serialize import load_base, load_torchao
+
+        return load_torchao(directory, qmap, load_base(qmap, base, _empty_base, _materialize), device)
     dtype = getattr(torch, qmap.get("dtype", "float32"))
     model = base() if callable(base) and not isinstance(base, torch.nn.Module) else base
     if model is None:

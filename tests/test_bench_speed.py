@@ -1,0 +1,62 @@
+"""tools/bench_speed.py end to end at toy sizes: the CPU profile, the GPU profile's code path on CPU, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytest.importorskip("torchao")
+
+TOY = ["--layers", "1", "--steps", "6", "--nfcs", "4,3", "--batch", "2", "--repeats", "1"]
+
+
+def bench(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--json", str(out), *extra],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    return p, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_cpu_profile_rows(tmp_path):
+    p, rep = bench(tmp_path, "--device", "cpu", "--latent", "8", *TOY)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["config"]: r for r in rep["rows"]}
+    assert list(rows) == ["FP fp32", "FP bf16", "int8", "RFC NFC4", "RFC NFC3", "int8 + RFC NFC4", "int8 + RFC NFC3"]
+    assert rep["complete"] and rep["baseline"] == "FP fp32" and rows["FP fp32"]["latency_ratio"] == 1.0
+    for name, r in rows.items():
+        assert set(r) >= {"config", "nfc", "latency_s", "latency_ratio", "device", "dtype", "date"}
+        assert r["latency_s"] > 0 and abs(r["latency_ratio"] - rows["FP fp32"]["latency_s"] / r["latency_s"]) < 1e-9
+        if "RFC" in name:
+            assert r["nfc"] == len(r["full_steps"]) == int(name[-1]) and r["full_steps"][:2] == [0, 1]
+        else:
+            assert r["nfc"] == 6 and r["full_steps"] is None
+    assert rows["FP bf16"]["dtype"] == "bfloat16" and rows["int8"]["quant"].startswith("int8")
+    assert rows["FP bf16"]["timed_steps"] == 3 and rows["FP bf16"]["extrapolated"]  # CPU bf16: scaled from 3 steps
+    assert rows["FP bf16"]["psnr_vs_baseline_db"] is None and not rows["int8"]["extrapolated"]
+    assert rep["model"]["num_layers"] == 1 and rep["model"]["attention_head_dim"] == 64  # mid-size shape
+    assert set(rep["microbench"]["forward_s"]) == {"fp32", "bf16", "int8", "int8 (torchao stock torch._int_mm)"}
+    assert "acceptance" not in rep  # no NFC 14 row in this run
+
+
+def test_gpu_profile_code_path_on_cpu(tmp_path):
+    p, rep = bench(tmp_path, "--device", "cpu", "--full-size", "--latent", "4", "--compile", "on",
+                   "--compile-backend", "eager", *TOY)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["config"]: r for r in rep["rows"]}
+    assert list(rows) == ["FP bf16", "FP bf16 eager", "int8", "RFC NFC4", "RFC NFC3", "int8 + RFC NFC4",
+                          "int8 + RFC NFC3"]
+    assert rep["baseline"] == "FP bf16" and rows["FP bf16"]["compile"] and not rows["FP bf16 eager"]["compile"]
+    assert all(r["dtype"] == "bfloat16" and not r["extrapolated"] for r in rows.values())
+    assert rep["model"]["attention_head_dim"] == 72 and rep["model"]["num_attention_heads"] == 16
+
+
+def test_bad_nfc_is_a_one_line_error(tmp_path):
+    p, rep = bench(tmp_path, "--device", "cpu", "--nfcs", "60")
+    assert p.returncode == 2 and rep is None
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --nfcs: every NFC must be between 2 and --steps")

@@ -1,0 +1,377 @@
+"""Speed benchmark: end-to-end sampling latency of full precision against RFC caching, int8/fp8 and both together.
+
+    python tools/bench_speed.py --json docs/results/bench_speed_gpu.json      # CUDA: DiT-XL/2, bf16, compile
+    python tools/bench_speed.py --json docs/results/bench_speed_cpu.json      # CPU: mid-size DiT, fp32 baseline
+
+The model is a ``DiTTransformer2DModel`` with random weights (speed does not depend on them): DiT-XL/2 at 256x256
+(latent 32) on a GPU, or the mid-size DiT-S/2 (12 blocks of width 384, 6 heads) at the same 256x256 on a CPU.
+Sampling is the library's own loop (``qcache.sampling.Sampler``): DDIM, 50 steps, classifier-free guidance 1.5 (one
+batch of 2 x batch rows per model call), batch 8. Every configuration is timed in interleaved rounds in this same
+run and ``latency_ratio`` = median time of the baseline / median time of the row. The baseline is fp32 on CPU
+(bf16 is reported too, but CPUs without bf16 units run it an order of magnitude slower, so that row times
+``--slow-steps`` steps and scales them: ``extrapolated: true``) and bf16 with ``torch.compile`` on GPU.
+
+Caching uses the public cache API: an evenly spread static schedule of NFC full steps (``uniform_full_steps``,
+warm-up 2) replayed (``replay``) with the rfc policy's forecasts (RFE, order 2) and ``rcs: false``. With random
+weights a tuned tau would mean nothing, and a static schedule has an exact, deterministic cost.
+Quantization uses qcache's torchao speed backend (``QuantConfig(backend="torchao")``): W8A8 int8 dynamic, and on
+GPUs of compute capability >= 8.9 float8 too; ``torch.compile`` (regional) on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qcache.cache import StaticSchedule, replay, uniform_full_steps  # noqa: E402
+from qcache.cli import run_cli, write_json  # noqa: E402
+from qcache.errors import QcacheError  # noqa: E402
+from qcache.quant import compile_regions, quantize_transformer  # noqa: E402
+from qcache.quant.torchao_backend import require_torchao  # noqa: E402
+from qcache.recipe import CacheConfig, QuantConfig, SamplingConfig  # noqa: E402
+from qcache.sampling import Sampler  # noqa: E402
+
+FULL = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32)  # DiT-XL/2, 256x256
+MID = dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, sample_size=32)  # DiT-S/2, 256x256
+COMMON = dict(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000)
+SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+WARMUP = 2
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class Variant:
+    """One model build: a torchao speed-backend config applied to a copy of the random base model."""
+
+    name: str
+    quant: str  # none | int8 W8A8 | float8 W8A8
+    cfg: QuantConfig
+    compile: bool = False  # regional torch.compile (qcache.quant.compile_regions) after quantizing
+    model: torch.nn.Module | None = None
+
+
+@dataclass
+class Config:
+    """One timed row: a model variant, with or without a cache schedule."""
+
+    name: str
+    variant: Variant
+    schedule: StaticSchedule | None
+    repeats: int
+    timed_steps: int  # steps really sampled; the time is scaled to the full step count when fewer
+    times: list[float] = dataclasses.field(default_factory=list)
+    output: torch.Tensor | None = None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def build_base(dims: dict, seed: int, device: torch.device) -> torch.nn.Module:
+    """The random-weight DiT (normal(0, 0.02) everywhere, so no adaLN-Zero gate is zero and every path works)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**dims, **COMMON)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool) -> list[Variant]:
+    """The model builds of this run; the first one is the baseline."""
+    def ao(preset: str, dtype: str, f8: bool = False) -> QuantConfig:
+        return QuantConfig(backend="torchao", preset=preset, compute_dtype=dtype, float8=f8, keep_dtype="float32")
+
+    c = compile_on
+    if gpu_profile:
+        out = [Variant("bf16", "none", ao("none", "bfloat16"), c)]
+        if c:
+            out.append(Variant("bf16 eager", "none", ao("none", "bfloat16"), False))
+        if int8:
+            out.append(Variant("int8", "int8 W8A8 (dynamic)", ao("W8A8", "bfloat16"), c))
+        if float8:
+            out.append(Variant("fp8", "float8 W8A8 (dynamic, per row)", ao("W8A8", "bfloat16", True), c))
+        return out
+    out = [Variant("fp32", "none", ao("none", "float32"), c), Variant("bf16", "none", ao("none", "bfloat16"), c)]
+    if int8:
+        out.append(Variant("int8", "int8 W8A8 (dynamic)", ao("W8A8", "float32"), c))
+    return out
+
+
+def rfc_schedule(steps: int, nfc: int) -> StaticSchedule:
+    """Evenly spread NFC full steps (warm-up 2), replayed with RFE forecasts of order 2 and no RCS."""
+    full = tuple(uniform_full_steps(steps, WARMUP, nfc))
+    params = {"order": 2, "warmup": WARMUP, "rfe": True, "rcs": False, "target_nfc": nfc, "expansion": "newton",
+              "store_dtype": "float32"}
+    return StaticSchedule("ddim", steps, full, "rfc", params)
+
+
+def run_once(sampler: Sampler, schedule: StaticSchedule | None, n: int, seed: int) -> tuple[float, torch.Tensor, float]:
+    """Wall time of sampling n images with the schedule replayed; returns (seconds, images, NFC)."""
+    cache = replay(sampler, schedule, CacheConfig()) if schedule is not None else None
+    try:
+        if sampler.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = sampler.sample(n, seed=seed, progress=False).images
+        if sampler.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    finally:
+        if cache is not None:
+            sampler.hooks.remove(cache)
+            cache.remove()
+    nfc = cache.stats.mean_nfc() if cache is not None else float(sampler.config.steps)
+    return dt, out, nfc
+
+
+def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    mse = float(((ref - x) ** 2).mean())
+    span = float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(span ** 2 / mse)
+
+
+def gemm_microbench(device: torch.device, width: int, tokens: int) -> dict:
+    """Median seconds of one (tokens x width) @ (width x 4 width) matmul in float32 and bfloat16."""
+    out = {"shape": [tokens, width, 4 * width]}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(tokens, width, device=device, dtype=dtype)
+        b = torch.randn(width, 4 * width, device=device, dtype=dtype)
+        ts = []
+        for _ in range(4):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        out[str(dtype).removeprefix("torch.")] = statistics.median(ts[1:])
+    out["bf16_over_fp32"] = out["bfloat16"] / out["float32"]
+    return out
+
+
+def forward_microbench(variants_: list[Variant], batch: int, sample: int, device: torch.device) -> dict:
+    """Seconds of one model call (2 x batch rows, as with CFG) per variant; on CPU also int8 with torch._int_mm."""
+    x = torch.randn(2 * batch, COMMON["in_channels"], sample, sample, device=device)
+    t = torch.full((2 * batch,), 500, device=device)
+    y = torch.arange(2 * batch, device=device) % 1000
+    out = {}
+
+    def once(m: torch.nn.Module) -> float:
+        dtype = next(m.parameters()).dtype
+        with torch.no_grad():
+            m(x.to(dtype), timestep=t, class_labels=y)  # warm-up (and compilation)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m(x.to(dtype), timestep=t, class_labels=y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+    for v in variants_:
+        out[v.name] = once(v.model)
+    int8 = next((v for v in variants_ if v.name == "int8"), None)
+    if device.type == "cpu" and int8 is not None and not int8.compile:
+        from torchao.kernel import intmm
+
+        from qcache.quant import kernels
+
+        exact = intmm._int_scaled_matmul_cpu
+        intmm._int_scaled_matmul_cpu = kernels._AO_ORIGINAL  # torchao's own CPU path (torch._int_mm)
+        try:
+            out["int8 (torchao stock torch._int_mm)"] = once(int8.model)
+        finally:
+            intmm._int_scaled_matmul_cpu = exact
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True, help="write the rows here")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    ap.add_argument("--full-size", action="store_true", help="DiT-XL/2 with the GPU profile (bf16 baseline, "
+                    "compile) also on CPU: checks the GPU code path")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of blocks")
+    ap.add_argument("--latent", type=int, default=None, help="override the latent size (sample_size)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=8, help="images per batch (CFG doubles the model batch)")
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--nfcs", default="14,10", help="NFC of the RFC rows")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
+    ap.add_argument("--slow-steps", type=int, default=None,
+                    help="CPU bf16 row: time this many steps and scale to --steps (default 3 on CPU, where bf16 is "
+                         "an order of magnitude slower; every uncached step costs the same)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA only")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: code path check)")
+    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--no-float8", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args()
+
+
+def build_configs(vs: list[Variant], nfcs: list[int], steps: int, repeats: int, slow_steps: int,
+                  gpu_profile: bool) -> list[Config]:
+    """Rows: every variant uncached, then the baseline precision and every quantized variant with each RFC NFC."""
+    scheds = {n: rfc_schedule(steps, n) for n in nfcs}
+    cached_variants = [vs[0]] + [v for v in vs if v.quant != "none"]
+    configs = []
+    for v in vs:
+        slow = not gpu_profile and v.name == "bf16"
+        configs.append(Config(f"FP {v.name}" if v.quant == "none" else v.name, v, None, repeats,
+                              timed_steps=slow_steps if slow else steps))
+    for v in cached_variants:
+        for n in nfcs:
+            name = f"RFC NFC{n}" if v is vs[0] else f"{v.name} + RFC NFC{n}"
+            configs.append(Config(name, v, scheds[n], repeats, timed_steps=steps))
+    return configs
+
+
+def main() -> None:
+    args = parse_args()
+    dev = args.device
+    device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else "cpu" if dev == "auto" else dev)
+    gpu_profile = device.type == "cuda" or args.full_size
+    compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    dims = dict(FULL if gpu_profile else MID)
+    if args.layers:
+        dims["num_layers"] = args.layers
+    if args.latent:
+        dims["sample_size"] = args.latent
+    nfcs = [int(n) for n in args.nfcs.split(",") if n]
+    if any(not WARMUP <= n <= args.steps for n in nfcs):
+        raise QcacheError(f"--nfcs: every NFC must be between {WARMUP} and --steps ({args.steps}), got {nfcs}")
+    float8 = (not args.no_float8 and device.type == "cuda"
+              and torch.cuda.get_device_capability(device) >= (8, 9))
+    require_torchao()  # every variant, the baselines included, is built by the torchao speed backend
+    slow_steps = args.slow_steps if args.slow_steps is not None else (args.steps if gpu_profile else 3)
+    if not 1 <= slow_steps <= args.steps:
+        raise QcacheError(f"--slow-steps: must be between 1 and --steps ({args.steps}), got {slow_steps}")
+    sampling = SamplingConfig(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
+    log(f"{device_name(device)}; model {dims}; {args.steps} DDIM steps, CFG {args.guidance}, batch {args.batch}; "
+        f"compile {compile_on}; threads {torch.get_num_threads()}")
+
+    base = build_base(dims, args.seed, device)
+    vs = variants(gpu_profile, compile_on, float8, not args.no_int8)
+    for v in vs:
+        t0 = time.perf_counter()
+        v.model = quantize_transformer(copy.deepcopy(base), v.cfg)
+        if v.compile:
+            compile_regions(v.model, backend=args.compile_backend)
+        log(f"variant {v.name}: {v.quant}, {v.cfg.compute_dtype}, compile {v.compile}, "
+            f"built in {time.perf_counter() - t0:.1f}s")
+    del base
+    configs = build_configs(vs, nfcs, args.steps, args.repeats, slow_steps, gpu_profile)
+    samplers = {(v.name, c.timed_steps): Sampler(v.model, SCHEDULER, dataclasses.replace(sampling, steps=c.timed_steps))
+                for c in configs for v in [c.variant]}
+
+    # warm-up: compilation (same batch, so no recompilation later) and first-call costs: one full, one cached step
+    warm = SamplingConfig(steps=2, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
+    warm_sched = StaticSchedule("ddim", 2, (0,), "rfc", rfc_schedule(args.steps, WARMUP).params)
+    for v in vs:
+        t0 = time.perf_counter()
+        run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed)
+        log(f"warm-up {v.name}: {time.perf_counter() - t0:.1f}s")
+
+    micro = {"gemm": gemm_microbench(device, dims["num_attention_heads"] * dims["attention_head_dim"],
+                                     2 * args.batch * (dims["sample_size"] // COMMON["patch_size"]) ** 2)}
+    micro["forward_s"] = forward_microbench(vs, args.batch, dims["sample_size"], device)
+    log(f"microbenchmarks: {micro}")
+
+    report = {"complete": False}
+    for r in range(max(c.repeats for c in configs)):
+        for c in configs:
+            if len(c.times) >= c.repeats:
+                continue
+            dt, out, nfc = run_once(samplers[c.variant.name, c.timed_steps], c.schedule, args.batch, args.seed)
+            c.times.append(dt * args.steps / c.timed_steps)
+            c.output = out if c.output is None else c.output
+            log(f"round {r + 1}: {c.name:28s} {dt:8.2f}s  nfc {nfc:.0f}  ({c.timed_steps} steps)")
+        report = make_report(args, configs, device, dims, compile_on, micro, complete=False)
+        write_json(args.json, report)
+    report = make_report(args, configs, device, dims, compile_on, micro, complete=True)
+    write_json(args.json, report)
+    print_table(report["rows"])
+    if "acceptance" in report:
+        log(f"acceptance: {report['acceptance']}")
+
+
+def make_report(args: argparse.Namespace, configs: list[Config], device: torch.device, dims: dict,
+                compile_on: bool, micro: dict, complete: bool) -> dict:
+    import torchao
+
+    base = configs[0]
+    base_t = statistics.median(base.times)
+    today = datetime.date.today().isoformat()
+    rows = []
+    for c in configs:
+        if not c.times:
+            continue
+        lat = statistics.median(c.times)
+        rows.append({
+            "config": c.name, "nfc": c.schedule.nfc if c.schedule else args.steps, "latency_s": lat,
+            "latency_ratio": base_t / lat, "device": device_name(device), "dtype": c.variant.cfg.compute_dtype,
+            "date": today, "quant": c.variant.quant, "cache": "rfc (static, rfe, no rcs)" if c.schedule else "none",
+            "full_steps": list(c.schedule.full_steps) if c.schedule else None, "compile": c.variant.compile,
+            "runs_s": c.times, "baseline": c is base, "timed_steps": c.timed_steps,
+            "extrapolated": c.timed_steps != args.steps,
+            "psnr_vs_baseline_db": psnr(base.output, c.output) if c.timed_steps == args.steps else None,
+        })
+    report = {
+        "rows": rows, "complete": complete, "baseline": base.name, "model": {**dims, **COMMON},
+        "steps": args.steps, "batch": args.batch, "guidance_scale": args.guidance, "scheduler": "ddim",
+        "repeats": args.repeats, "compile": compile_on, "compile_backend": args.compile_backend,
+        "schedule_note": "evenly spread NFC full steps (warm-up 2), replayed with RFE order-2 forecasts, rcs off; "
+                         "random weights, so tau tuning would be meaningless",
+        "psnr_note": "random weights: psnr_vs_baseline_db is a sanity check of each path, not image quality",
+        "microbench": micro, "device": device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "torchao": torchao.__version__, "command": " ".join(sys.argv),
+    }
+    nfc14 = next((r for r in rows if r["config"] == "RFC NFC14"), None)
+    if device.type == "cpu" and nfc14 is not None:
+        report["acceptance"] = {"rfc_nfc14_latency_ratio": nfc14["latency_ratio"],
+                                "ratio_ge_3": nfc14["latency_ratio"] >= 3.0}
+    return report
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| config | nfc | dtype | quant | latency_s | latency_ratio | psnr_vs_baseline_db |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["psnr_vs_baseline_db"]
+        print(f"| {r['config']} | {r['nfc']} | {r['dtype']} | {r['quant']} | {r['latency_s']:.3f} | "
+              f"{r['latency_ratio']:.2f} | {'-' if p is None or math.isinf(p) else f'{p:.1f}'} |")
+
+
+if __name__ == "__main__":
+    run_cli(main)
