@@ -16,7 +16,12 @@ EXIT_USAGE = 2
 
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
-    """Run ``main``; a QcacheError becomes ``error: <message>`` on stderr and exit code 2, with no traceback."""
+    """Run ``main``; a QcacheError becomes ``error: <message>`` on stderr and exit code 2, with no traceback.
+
+    The process's allocator keeps freed memory for reuse first (``qcache.memory.keep_freed_memory``)."""
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         code = main() or 0
     except QcacheError as e:

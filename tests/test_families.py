@@ -174,6 +174,21 @@ def test_every_step_full_is_bit_identical_and_caching_changes_the_output(fam, pi
         assert cache.stats.mean_nfc() == (6 if same else 3)
 
 
+def test_pixart_fast_path_is_bit_identical_to_the_module_hooks(pipes):
+    """PixArt's adaLN-single blocks (attn1, cross-attention attn2, ff) through the lean cached-step path."""
+    s = sampler_for("pixart", pipes)
+    outs = {}
+    for fast in (False, True):
+        cache = attach_cache(s.transformer, CacheConfig(policy="rfc", rcs=False, interval=3, fast_path=fast))
+        try:
+            with s.extra_hooks(cache):
+                outs[fast] = s.sample(3, seed=2, progress=False).images
+        finally:
+            cache.remove()
+        assert bool(cache._fast_blocks) == fast and cache.stats.mean_nfc() == 3
+    assert torch.equal(outs[True], outs[False])
+
+
 def test_text_conditioning_reaches_the_model_with_cfg(pipes):
     s = sampler_for("pixart", pipes)
     seen = []

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcache.cli import write_json  # noqa: E402
+from qcache.cli import run_cli, write_json  # noqa: E402
 from qcache.compressed import CompressedModel  # noqa: E402
 from qcache.evaluate import quality_metrics, time_interleaved  # noqa: E402
 from qcache.metrics import compare_sets  # noqa: E402
@@ -194,4 +194,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration.collect import collect_for_recipe  # noqa: E402
 from calibration.select import column, covered_bins, select_from_config  # noqa: E402
 from qcache.cache import replay, tune_tau  # noqa: E402
-from qcache.cli import write_json  # noqa: E402
+from qcache.cli import run_cli, write_json  # noqa: E402
 from qcache.evaluate import quality_metrics  # noqa: E402
 from qcache.metrics import compare_sets  # noqa: E402
 from qcache.models import load_model  # noqa: E402
@@ -273,4 +273,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -68,14 +68,21 @@ class Forecaster:
         """Record the true value at full step ``x`` (newer than every node so far)."""
         j = min(self.available + 1, self.order) if self.value is not None else 0
         if j > 0:
-            rows, prev = [], _flat(_hi(value))
+            cur = _flat(_hi(value))
+            dtype = cur.dtype if self.store_dtype == torch.float32 else self.store_dtype
+            # each row is written in place into the new buffer: no per-row temporaries, no stack copy
+            rows = torch.empty((cur.shape[0], j, cur.shape[1]), dtype=dtype, device=cur.device)
+            prev = cur
             for i in range(1, j + 1):
                 old = _flat(_hi(self.value)) if i == 1 else _hi(self.diffs[:, i - 2])
                 span = x - (self.nodes[0] if self.expansion == "taylor" else self.nodes[i - 1])
-                prev = (prev - old) / span
-                rows.append(prev)
-            dtype = rows[0].dtype if self.store_dtype == torch.float32 else self.store_dtype
-            self.diffs = torch.stack(rows, 1).to(dtype)
+                if dtype == cur.dtype:
+                    torch.sub(prev, old, out=rows[:, i - 1]).div_(span)
+                    prev = rows[:, i - 1]
+                else:  # bf16 store: differences of differences are taken in float32 before rounding
+                    prev = (prev - old) / span
+                    rows[:, i - 1].copy_(prev)
+            self.diffs = rows
         else:
             self.diffs = None
         self.value = value
@@ -92,16 +99,20 @@ class Forecaster:
                 out.append((x - self.nodes[0]) ** i / math.factorial(i))
         return out
 
-    def predict(self, x: float, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Forecast at x: value + sum_i w_i * scale * diff_i; ``scale`` is an optional per-sample (B,) factor."""
+    def predict(self, x: float, scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Forecast at x: value + sum_i w_i * scale * diff_i; ``scale`` is an optional per-sample (B,) factor.
+
+        ``out`` (contiguous, the value's shape and float dtype) receives the forecast instead of a new tensor;
+        with no differences yet the stored value itself is returned, not copied."""
         if self.diffs is None:
             return self.value
         v = _hi(self.value)
         n = v.shape[0]
         w = torch.tensor(self.weights(x), dtype=v.dtype, device=v.device)
         coef = w.expand(n, 1, -1) if scale is None else scale.to(v.dtype).view(n, 1, 1) * w
-        out = torch.baddbmm(v.reshape(n, 1, -1), coef, _hi(self.diffs).to(v.dtype))
-        return out.view(v.shape)
+        res = torch.baddbmm(v.reshape(n, 1, -1), coef, _hi(self.diffs).to(v.dtype),
+                            out=None if out is None else out.view(n, 1, -1))
+        return res.view(v.shape)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.value, self.diffs) if t is not None)
@@ -124,30 +135,42 @@ class RelationalEstimator:
         self.f.reset()
         self.last_input: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None  # s per sample (float64), NaN where undefined
-        self.gram: torch.Tensor | None = None  # (B, j, j) float64 Gram matrix of the differences
+        self.gram: torch.Tensor | None = None  # (B, j*j) float64 Gram matrices of the differences, flattened
 
     def update(self, x: float, inp: torch.Tensor, out: torch.Tensor) -> None:
         """Record a full step: the module's input and output at step x."""
-        self.scale = None
-        if self.f.value is not None and self.last_input is not None and self.last_input.shape == inp.shape:
-            d_out = sample_dist(_hi(out), _hi(self.f.value)).double()
-            d_in = sample_dist(_hi(inp), self.last_input).double()
-            self.scale = torch.where(d_in > 0, d_out / d_in, torch.full_like(d_in, float("nan")))
+        moved = self.f.value is not None and self.last_input is not None and self.last_input.shape == inp.shape
+        d_in = sample_dist(_hi(inp), self.last_input).double() if moved and self.f.order > 0 else None
+        gap = x - self.f.nodes[0] if self.f.nodes else 0.0
         self.last_input = _hi(inp)
         self.f.update(x, out)
         d = self.f.diffs
-        self.gram = None if d is None or self.scale is None else torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()
+        self.scale = self.gram = None
+        if d_in is None or d is None:
+            return
+        gram = torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()  # (B, j, j)
+        # ||O(t) - O(t-N)|| = N * ||first divided difference||: read off the Gram matrix, no extra pass
+        d_out = gram[:, 0, 0].clamp_min(0).sqrt() * abs(gap)
+        self.scale = torch.where(d_in > 0, d_out / d_in, torch.full_like(d_in, float("nan")))
+        self.gram = gram.reshape(gram.shape[0], -1)  # (B, j*j), for one matmul per forecast
 
-    def predict(self, x: float, inp: torch.Tensor) -> torch.Tensor:
-        """Forecast of the module's output at cached step x, given its real input there."""
+    def predict(self, x: float, inp: torch.Tensor, out: torch.Tensor | None = None,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Forecast of the module's output at cached step x, given its real input there.
+
+        ``out`` as in ``Forecaster.predict``; ``scratch`` (the input's shape, float) takes I(t+k) - I(t) instead of
+        a new tensor, and may be ``inp`` itself when the caller no longer needs it."""
         if self.gram is None:
-            return self.f.predict(x)
-        w = torch.tensor(self.f.weights(x), dtype=torch.float64, device=self.gram.device)
-        dir_norm = (self.gram * torch.outer(w, w)).sum((1, 2)).clamp_min(0).sqrt()
-        mag = self.scale * sample_dist(_hi(inp), self.last_input).double()
-        c = mag / dir_norm
-        c = torch.where(torch.isfinite(c) & (dir_norm > 0), c, torch.ones_like(c))
-        return self.f.predict(x, scale=c)
+            return self.f.predict(x, out=out)
+        w = torch.tensor(self.f.weights(x), dtype=torch.float64)
+        dir_norm = (self.gram @ torch.outer(w, w).reshape(-1).to(self.gram.device)).clamp_min(0).sqrt()
+        if scratch is None:
+            moved = sample_dist(_hi(inp), self.last_input)
+        else:
+            moved = sample_norm(torch.sub(inp, self.last_input, out=scratch))
+        c = self.scale * moved.double() / dir_norm
+        c = torch.where(torch.isfinite(c), c, torch.ones_like(c))  # undefined scale, zero direction: plain forecast
+        return self.f.predict(x, scale=c, out=out)
 
     def nbytes(self) -> int:
         n = self.f.nbytes()

@@ -16,10 +16,13 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..errors import QcacheError
+from ..families.base import DEFAULT_IO
 from ..recipe import CacheConfig
 from ..sampling import SamplerHook, StepState
 from .accounting import CacheStats
 from .adapters import ModuleIO, cache_layout
+from .fast_path import HOOK_NAME as FAST_HOOK_NAME
+from .fast_path import Workspace, attach_fast_paths
 from .forecast import Forecaster, RelationalEstimator, sample_dist, sample_norm
 from .policies import AllSteps, FixedSchedule, RelationalSchedule, StepPolicy
 
@@ -45,12 +48,14 @@ class _ModuleState:
         elif self.mode != "none":
             self.forecaster.update(step, out)
 
-    def forecast(self, step: int, inp: torch.Tensor) -> torch.Tensor:
+    def forecast(self, step: int, inp: torch.Tensor | None, out: torch.Tensor | None = None,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The module's output at cached ``step``; ``out`` / ``scratch``: buffers to write into (see forecast.py)."""
         if self.forecaster.value is None:
             raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
         if self.rfe is not None:
-            return self.rfe.predict(step, inp)
-        return self.forecaster.predict(step)
+            return self.rfe.predict(step, inp, out=out, scratch=scratch)
+        return self.forecaster.predict(step, out=out)
 
     def nbytes(self) -> int:
         return (self.rfe or self.forecaster).nbytes()
@@ -141,6 +146,10 @@ class FeatureCache(SamplerHook):
         reg = HookRegistry.check_if_exists_or_initialize(transformer)
         reg.register_hook(_StepHook(self), STEP_HOOK_NAME)
         self._registries.append(reg)
+        self.workspace = Workspace()  # buffers of the lean cached-step path (fast_path.py)
+        default_io = all(self.layout.io_of(n) is DEFAULT_IO for n in self.layout.names)
+        self._fast_blocks = (attach_fast_paths(self, transformer, self.layout.names, self.layout.watched, self._states)
+                             if cfg.fast_path and default_io and module_mode != "none" else [])
         self.attached = True
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -212,10 +221,13 @@ class FeatureCache(SamplerHook):
         modules = dict(self.transformer.named_modules())
         for name in self.layout.names:
             _remove_hook(modules[name], HOOK_NAME)
+        for block in self._fast_blocks:
+            _remove_hook(block, FAST_HOOK_NAME)
         _remove_hook(self.transformer, STEP_HOOK_NAME)
         for st in self._states.values():
             st.reset()
         self.policy.reset(None)
+        self.workspace.clear()
         self.attached = False
 
 
