@@ -135,9 +135,12 @@ def rfc_schedule(steps: int, nfc: int) -> StaticSchedule:
     return StaticSchedule("ddim", steps, full, "rfc", params)
 
 
-def run_once(sampler: Sampler, schedule: StaticSchedule | None, n: int, seed: int) -> tuple[float, torch.Tensor, float]:
-    """Wall time of sampling n images with the schedule replayed; returns (seconds, images, NFC)."""
-    cache = replay(sampler, schedule, CacheConfig()) if schedule is not None else None
+def run_once(sampler: Sampler, schedule: StaticSchedule | None, n: int, seed: int,
+             cache_compile: bool = False) -> tuple[float, torch.Tensor, float]:
+    """Wall time of sampling n images with the schedule replayed; returns (seconds, images, NFC).
+
+    ``cache_compile``: the cache's fused step functions (``cache.compile``) on cached steps."""
+    cache = replay(sampler, schedule, CacheConfig(compile=cache_compile)) if schedule is not None else None
     try:
         if sampler.device.type == "cuda":
             torch.cuda.synchronize()
@@ -234,6 +237,9 @@ def parse_args() -> argparse.Namespace:
                          "an order of magnitude slower; every uncached step costs the same)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA only")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: code path check)")
+    ap.add_argument("--cache-compile", choices=("on", "off"), default="on",
+                    help="fuse the cache's cached-step arithmetic with torch.compile (cache.compile; the full steps "
+                         "and the baselines are untouched by it)")
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--no-float8", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -295,12 +301,18 @@ def main() -> None:
     samplers = {(v.name, c.timed_steps): Sampler(v.model, SCHEDULER, dataclasses.replace(sampling, steps=c.timed_steps))
                 for c in configs for v in [c.variant]}
 
-    # warm-up: compilation (same batch, so no recompilation later) and first-call costs: one full, one cached step
-    warm = SamplingConfig(steps=2, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
-    warm_sched = StaticSchedule("ddim", 2, (0,), "rfc", rfc_schedule(args.steps, WARMUP).params)
+    # warm-up: compilation (same batch, so no recompilation later) and first-call costs: cached steps after one and
+    # after two differences (the forecast shapes the timed runs meet), full steps around them
+    cache_compile = args.cache_compile == "on"
+    if cache_compile and args.compile_backend != "inductor":
+        from qcache.cache import fused
+
+        fused.BACKEND = args.compile_backend
+    warm = SamplingConfig(steps=5, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
+    warm_sched = StaticSchedule("ddim", 5, (0, 1, 3), "rfc", rfc_schedule(args.steps, WARMUP).params)
     for v in vs:
         t0 = time.perf_counter()
-        run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed)
+        run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed, cache_compile)
         log(f"warm-up {v.name}: {time.perf_counter() - t0:.1f}s")
 
     micro = {"gemm": gemm_microbench(device, dims["num_attention_heads"] * dims["attention_head_dim"],
@@ -313,7 +325,8 @@ def main() -> None:
         for c in configs:
             if len(c.times) >= c.repeats:
                 continue
-            dt, out, nfc = run_once(samplers[c.variant.name, c.timed_steps], c.schedule, args.batch, args.seed)
+            dt, out, nfc = run_once(samplers[c.variant.name, c.timed_steps], c.schedule, args.batch, args.seed,
+                                    cache_compile)
             c.times.append(dt * args.steps / c.timed_steps)
             c.output = out if c.output is None else c.output
             log(f"round {r + 1}: {c.name:28s} {dt:8.2f}s  nfc {nfc:.0f}  ({c.timed_steps} steps)")
@@ -343,6 +356,7 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
             "latency_ratio": base_t / lat, "device": device_name(device), "dtype": c.variant.cfg.compute_dtype,
             "date": today, "quant": c.variant.quant, "cache": "rfc (static, rfe, no rcs)" if c.schedule else "none",
             "full_steps": list(c.schedule.full_steps) if c.schedule else None, "compile": c.variant.compile,
+            "cache_compile": bool(c.schedule) and args.cache_compile == "on",
             "runs_s": c.times, "baseline": c is base, "timed_steps": c.timed_steps,
             "extrapolated": c.timed_steps != args.steps,
             "psnr_vs_baseline_db": psnr(base.output, c.output) if c.timed_steps == args.steps else None,
@@ -351,6 +365,7 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
         "rows": rows, "complete": complete, "baseline": base.name, "model": {**dims, **COMMON},
         "steps": args.steps, "batch": args.batch, "guidance_scale": args.guidance, "scheduler": "ddim",
         "repeats": args.repeats, "compile": compile_on, "compile_backend": args.compile_backend,
+        "cache_compile": args.cache_compile == "on",
         "schedule_note": "evenly spread NFC full steps (warm-up 2), replayed with RFE order-2 forecasts, rcs off; "
                          "random weights, so tau tuning would be meaningless",
         "psnr_note": "random weights: psnr_vs_baseline_db is a sanity check of each path, not image quality",
