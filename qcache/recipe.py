@@ -106,7 +106,7 @@ class CacheConfig:
     store_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the stored differences
     schedule: str | None = None  # path of a static schedule JSON to replay
     fast_path: bool = True  # cached steps of DiT/PixArt blocks skip the block's own forward (qcache/cache/fast_path.py)
-    compile: bool = False  # fuse a cached step's arithmetic with torch.compile (qcache/cache/fused.py)
+    compile: bool = False  # lean path: fuse a cached step's arithmetic with torch.compile (qcache/cache/fused.py)
     tune_samples: int = _f(64, ge=1)  # calibration batch size for tuning tau
     tune_seed: int = _f(1, ge=0)  # its noise seed (keep it apart from the evaluation seed)
 

@@ -3,8 +3,8 @@
     python tools/bench_alloc.py [--mb 6] [--keep-freed-memory]
 
 Times ``a - b`` for two float32 tensors of ``--mb`` megabytes while up to 30 earlier results stay alive and are
-then freed together (as a step's activations are), against the same subtraction into a reused output, median of 200. With glibc's default
-thresholds every fresh result is mmap-ed and page-faulted in; ``--keep-freed-memory`` applies
+then freed together (as a step's activations are), against the same subtraction into a reused output, median of
+200. With glibc's default thresholds every fresh result is mmap-ed and page-faulted in; ``--keep-freed-memory`` applies
 ``qcache.memory.keep_freed_memory`` first.
 """
 
