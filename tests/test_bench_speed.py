@@ -24,7 +24,7 @@ def bench(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict | No
 
 
 def test_cpu_profile_rows(tmp_path):
-    p, rep = bench(tmp_path, "--device", "cpu", "--latent", "8", "--cache-compile", "off", *TOY)
+    p, rep = bench(tmp_path, "--device", "cpu", "--latent", "8", *TOY)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = {r["config"]: r for r in rep["rows"]}
     assert list(rows) == ["FP fp32", "FP bf16", "int8", "RFC NFC4", "RFC NFC3", "int8 + RFC NFC4", "int8 + RFC NFC3"]
@@ -47,7 +47,7 @@ def test_cpu_profile_rows(tmp_path):
 
 def test_gpu_profile_code_path_on_cpu(tmp_path):
     p, rep = bench(tmp_path, "--device", "cpu", "--full-size", "--latent", "4", "--compile", "on",
-                   "--compile-backend", "eager", *TOY)
+                   "--cache-compile", "on", "--compile-backend", "eager", *TOY)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = {r["config"]: r for r in rep["rows"]}
     assert list(rows) == ["FP bf16", "FP bf16 eager", "int8", "RFC NFC4", "RFC NFC3", "int8 + RFC NFC4",
@@ -55,7 +55,7 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
     assert rep["baseline"] == "FP bf16" and rows["FP bf16"]["compile"] and not rows["FP bf16 eager"]["compile"]
     assert all(r["dtype"] == "bfloat16" and not r["extrapolated"] for r in rows.values())
     assert rep["model"]["attention_head_dim"] == 72 and rep["model"]["num_attention_heads"] == 16
-    # the cache's fused step functions (default on), traced with the same eager backend
+    # the cache's fused step functions (asked for; auto is CUDA only), traced with the same eager backend
     assert rep["cache_compile"] and [n for n, r in rows.items() if r["cache_compile"]] == [n for n in rows if "RFC" in n]
 
 

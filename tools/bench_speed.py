@@ -237,9 +237,10 @@ def parse_args() -> argparse.Namespace:
                          "an order of magnitude slower; every uncached step costs the same)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA only")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: code path check)")
-    ap.add_argument("--cache-compile", choices=("on", "off"), default="on",
-                    help="fuse the cache's cached-step arithmetic with torch.compile (cache.compile; the full steps "
-                         "and the baselines are untouched by it)")
+    ap.add_argument("--cache-compile", choices=("auto", "on", "off"), default="auto",
+                    help="fuse the cache's per-module arithmetic with torch.compile (cache.compile; the model's own "
+                         "computation and the baselines are untouched by it); auto: on for CUDA only (on CPU it "
+                         "gains nothing measurable, tools/step_costs.py)")
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--no-float8", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -303,7 +304,7 @@ def main() -> None:
 
     # warm-up: compilation (same batch, so no recompilation later) and first-call costs: cached steps after one and
     # after two differences (the forecast shapes the timed runs meet), full steps around them
-    cache_compile = args.cache_compile == "on"
+    cache_compile = args.cache_compile == "on" or (args.cache_compile == "auto" and device.type == "cuda")
     if cache_compile and args.compile_backend != "inductor":
         from qcache.cache import fused
 
@@ -330,9 +331,11 @@ def main() -> None:
             c.times.append(dt * args.steps / c.timed_steps)
             c.output = out if c.output is None else c.output
             log(f"round {r + 1}: {c.name:28s} {dt:8.2f}s  nfc {nfc:.0f}  ({c.timed_steps} steps)")
-        report = make_report(args, configs, device, dims, compile_on, micro, complete=False)
+        report = make_report(args, configs, device, dims, compile_on, micro, complete=False,
+                             cache_compile=cache_compile)
         write_json(args.json, report)
-    report = make_report(args, configs, device, dims, compile_on, micro, complete=True)
+    report = make_report(args, configs, device, dims, compile_on, micro, complete=True,
+                         cache_compile=cache_compile)
     write_json(args.json, report)
     print_table(report["rows"])
     if "acceptance" in report:
@@ -340,7 +343,7 @@ def main() -> None:
 
 
 def make_report(args: argparse.Namespace, configs: list[Config], device: torch.device, dims: dict,
-                compile_on: bool, micro: dict, complete: bool) -> dict:
+                compile_on: bool, micro: dict, complete: bool, cache_compile: bool = False) -> dict:
     import torchao
 
     base = configs[0]
@@ -356,7 +359,7 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
             "latency_ratio": base_t / lat, "device": device_name(device), "dtype": c.variant.cfg.compute_dtype,
             "date": today, "quant": c.variant.quant, "cache": "rfc (static, rfe, no rcs)" if c.schedule else "none",
             "full_steps": list(c.schedule.full_steps) if c.schedule else None, "compile": c.variant.compile,
-            "cache_compile": bool(c.schedule) and args.cache_compile == "on",
+            "cache_compile": bool(c.schedule) and cache_compile,
             "runs_s": c.times, "baseline": c is base, "timed_steps": c.timed_steps,
             "extrapolated": c.timed_steps != args.steps,
             "psnr_vs_baseline_db": psnr(base.output, c.output) if c.timed_steps == args.steps else None,
@@ -365,7 +368,7 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
         "rows": rows, "complete": complete, "baseline": base.name, "model": {**dims, **COMMON},
         "steps": args.steps, "batch": args.batch, "guidance_scale": args.guidance, "scheduler": "ddim",
         "repeats": args.repeats, "compile": compile_on, "compile_backend": args.compile_backend,
-        "cache_compile": args.cache_compile == "on",
+        "cache_compile": cache_compile,
         "schedule_note": "evenly spread NFC full steps (warm-up 2), replayed with RFE order-2 forecasts, rcs off; "
                          "random weights, so tau tuning would be meaningless",
         "psnr_note": "random weights: psnr_vs_baseline_db is a sanity check of each path, not image quality",

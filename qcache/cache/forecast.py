@@ -46,12 +46,14 @@ def sample_dist(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tenso
 class Forecaster:
     """Divided differences of one tensor trajectory over the full steps, and the polynomial forecast they give."""
 
-    def __init__(self, order: int, expansion: str = "newton", store_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, order: int, expansion: str = "newton", store_dtype: torch.dtype = torch.float32,
+                 fused: bool = False) -> None:
         if expansion not in ("newton", "taylor"):
             raise ValueError(f"expansion must be newton or taylor, got {expansion!r}")
         self.order = order
         self.expansion = expansion
         self.store_dtype = store_dtype
+        self.fused = fused  # full-step updates through torch.compile (cache.compile; fused.py)
         self.reset()
 
     def reset(self) -> None:
@@ -64,27 +66,44 @@ class Forecaster:
         """Order that the stored differences support now (it grows as full steps arrive)."""
         return -1 if self.value is None else 0 if self.diffs is None else self.diffs.shape[1]
 
+    def spans(self, x: float, j: int) -> list[float]:
+        """Divisors of the 1st..j-th differences of a new value at x."""
+        return [x - (self.nodes[0] if self.expansion == "taylor" else self.nodes[i]) for i in range(j)]
+
+    def _next_order(self) -> int:
+        return min(self.available + 1, self.order) if self.value is not None else 0
+
     def update(self, x: float, value: torch.Tensor) -> None:
         """Record the true value at full step ``x`` (newer than every node so far)."""
-        j = min(self.available + 1, self.order) if self.value is not None else 0
+        j = self._next_order()
+        if j > 0 and self.fused:
+            from . import fused
+
+            spans = torch.tensor(self.spans(x, j), dtype=torch.float64, device=value.device)
+            rows = fused.compiled("difference_rows")(_flat(value), _flat(self.value), self.diffs, spans)
+            self._store(x, value, rows)
+            return
+        rows = None
         if j > 0:
             cur = _flat(_hi(value))
             dtype = cur.dtype if self.store_dtype == torch.float32 else self.store_dtype
             # each row is written in place into the new buffer: no per-row temporaries, no stack copy
             rows = torch.empty((cur.shape[0], j, cur.shape[1]), dtype=dtype, device=cur.device)
             prev = cur
-            for i in range(1, j + 1):
-                old = _flat(_hi(self.value)) if i == 1 else _hi(self.diffs[:, i - 2])
-                span = x - (self.nodes[0] if self.expansion == "taylor" else self.nodes[i - 1])
+            for i, span in enumerate(self.spans(x, j)):
+                old = _flat(_hi(self.value)) if i == 0 else _hi(self.diffs[:, i - 1])
                 if dtype == cur.dtype:
-                    torch.sub(prev, old, out=rows[:, i - 1]).div_(span)
-                    prev = rows[:, i - 1]
+                    torch.sub(prev, old, out=rows[:, i]).div_(span)
+                    prev = rows[:, i]
                 else:  # bf16 store: differences of differences are taken in float32 before rounding
                     prev = (prev - old) / span
-                    rows[:, i - 1].copy_(prev)
-            self.diffs = rows
-        else:
-            self.diffs = None
+                    rows[:, i].copy_(prev)
+        self._store(x, value, rows)
+
+    def _store(self, x: float, value: torch.Tensor, rows: torch.Tensor | None) -> None:
+        if rows is not None and self.store_dtype != torch.float32:
+            rows = rows.to(self.store_dtype)
+        self.diffs = rows
         self.value = value
         self.nodes = [float(x), *self.nodes][: self.order + 1]
 
@@ -139,16 +158,26 @@ class RelationalEstimator:
 
     def update(self, x: float, inp: torch.Tensor, out: torch.Tensor) -> None:
         """Record a full step: the module's input and output at step x."""
-        moved = self.f.value is not None and self.last_input is not None and self.last_input.shape == inp.shape
-        d_in = sample_dist(_hi(inp), self.last_input).double() if moved and self.f.order > 0 else None
-        gap = x - self.f.nodes[0] if self.f.nodes else 0.0
-        self.last_input = _hi(inp)
-        self.f.update(x, out)
-        d = self.f.diffs
+        f = self.f
+        moved = f.value is not None and self.last_input is not None and self.last_input.shape == inp.shape
+        gap = x - f.nodes[0] if f.nodes else 0.0
         self.scale = self.gram = None
-        if d_in is None or d is None:
+        if moved and f.order > 0 and f.fused:  # rows, Gram matrix and input distance in one compiled pass
+            from . import fused
+
+            j = f._next_order()
+            spans = torch.tensor(f.spans(x, j), dtype=torch.float64, device=out.device)
+            rows, gram, d_in = fused.compiled("rfe_observe")(_flat(out), _flat(f.value), f.diffs, spans, inp,
+                                                             self.last_input)
+            f._store(x, out, rows)
+        else:
+            d_in = sample_dist(_hi(inp), self.last_input).double() if moved and f.order > 0 else None
+            f.update(x, out)
+            d = f.diffs
+            gram = None if d_in is None or d is None else torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()
+        self.last_input = _hi(inp)
+        if gram is None:
             return
-        gram = torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()  # (B, j, j)
         # ||O(t) - O(t-N)|| = N * ||first divided difference||: read off the Gram matrix, no extra pass
         d_out = gram[:, 0, 0].clamp_min(0).sqrt() * abs(gap)
         self.scale = torch.where(d_in > 0, d_out / d_in, torch.full_like(d_in, float("nan")))

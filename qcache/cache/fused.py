@@ -71,10 +71,33 @@ def rfe_norm_step(h: torch.Tensor, gate: torch.Tensor | None, ln_w: torch.Tensor
     return rfe_step(h, gate, _norm_mod(h, ln_w, ln_b, eps, scale, shift), value, diffs, w, last, gram, s)
 
 
+def difference_rows(cur: torch.Tensor, value: torch.Tensor, old: torch.Tensor | None,
+                    spans: torch.Tensor) -> torch.Tensor:
+    """A full step's new divided differences (B, j, n) from the new value ``cur`` (B, n), the last value and the last
+    differences ``old`` (B, j_old, n): row i = (row i-1 - old row i-1) / spans[i] (see forecast.Forecaster.update)."""
+    prev, rows = cur.float(), []
+    for i in range(spans.shape[0]):
+        base = value.float() if i == 0 else old[:, i - 1].float()
+        prev = (prev - base) / spans[i].float()
+        rows.append(prev)
+    return torch.stack(rows, 1)
+
+
+def rfe_observe(cur: torch.Tensor, value: torch.Tensor, old: torch.Tensor | None, spans: torch.Tensor,
+                inp: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RFE's full-step update in one pass: the new differences, their per-sample Gram matrix (B, j, j) and
+    ||I(t) - I(t-N)|| per sample (see forecast.RelationalEstimator.update)."""
+    rows = difference_rows(cur, value, old, spans)
+    gram = (rows.unsqueeze(2) * rows.unsqueeze(1)).sum(-1)
+    b = inp.shape[0]
+    d_in = torch.linalg.vector_norm((inp.float() - last.float()).reshape(b, -1), dim=1)
+    return rows, gram.double(), d_in.double()
+
+
 BACKEND = "inductor"  # torch.compile backend; the tests use "eager" (graph capture without code generation)
 
 
 @functools.lru_cache(maxsize=None)
 def compiled(name: str):
     """The compiled version of one of this module's step functions (compiled once per process)."""
-    return torch.compile(globals()[name], dynamic=None, backend=BACKEND)
+    return torch.compile(globals()[name], dynamic=False, backend=BACKEND)

@@ -34,9 +34,9 @@ STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class _ModuleState:
     """What one cacheable module remembers: nothing (none), its last output (fora), differences, or RFE state."""
 
-    def __init__(self, mode: str, order: int, expansion: str, store_dtype: torch.dtype) -> None:
+    def __init__(self, mode: str, order: int, expansion: str, store_dtype: torch.dtype, fused: bool = False) -> None:
         self.mode = mode
-        self.forecaster = Forecaster(order if mode in ("taylor", "rfe") else 0, expansion, store_dtype)
+        self.forecaster = Forecaster(order if mode in ("taylor", "rfe") else 0, expansion, store_dtype, fused)
         self.rfe = RelationalEstimator(self.forecaster) if mode == "rfe" else None
 
     def reset(self) -> None:
@@ -137,7 +137,7 @@ class FeatureCache(SamplerHook):
         self._states: dict[str, _ModuleState] = {}
         self._registries: list[HookRegistry] = []
         for name in self.layout.names:
-            st = _ModuleState(module_mode, cfg.order, cfg.expansion, store)
+            st = _ModuleState(module_mode, cfg.order, cfg.expansion, store, fused=cfg.compile)
             reg = HookRegistry.check_if_exists_or_initialize(modules[name])
             reg.register_hook(_ModuleCacheHook(self, name, st, name == self.layout.watched, self.layout.io_of(name)),
                               HOOK_NAME)
