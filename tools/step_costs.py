@@ -9,7 +9,7 @@ over ``--repeats`` runs, as milliseconds and as a fraction of the uncached model
 rounds). Medians of single calls are far steadier on shared cores than differences of whole runs. The schedule has
 full steps at 0, 1 and every ``--every``-th step after, so both forecast orders are met. ``digits`` is the
 embedded model (batch of --batch images, CFG doubles it); ``mid`` is tools/bench_speed.py's random DiT-S/2 at
-256x256. ``predicted_ratio_nfc{N}`` = 50 FP calls / (N full + (50 - N) cached calls): the speed-up these costs
+256x256. "module hooks" rows run the same policy without the lean cached-step path (``cache.fast_path: false``). ``predicted_ratio_nfc{N}`` = 50 FP calls / (N full + (50 - N) cached calls): the speed-up these costs
 give at that NFC, before the sampler's own per-step work.
 """
 
@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--compile", choices=("both", "on", "off"), default="both", help="cache.compile variants")
+    ap.add_argument("--module-hooks", choices=("on", "off"), default="on",
+                    help="also time each policy without the lean path (cache.fast_path: false)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     if args.steps < 4 or args.every < 2:
@@ -90,6 +92,8 @@ def main() -> None:
             raise QcacheError(f"--policies: unknown policy {name!r} (choose from {', '.join(POLICIES)})")
         for comp in variants:
             configs.append((name + (" compiled" if comp else ""), CacheConfig(**POLICIES[name], compile=comp)))
+        if args.module_hooks == "on":
+            configs.append((name + " module hooks", CacheConfig(**POLICIES[name], fast_path=False)))
     timers = {label: CallTimer() for label, _ in configs}
 
     def run(label: str, cfg: CacheConfig | None, timer: CallTimer | None) -> None:

@@ -117,12 +117,10 @@ class BlockFastPath(ModelHook):
             raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
         if f.diffs is None:
             return fused.compiled("reuse_step")(h, gate, f.value)
-        step = self.cache.step
+        w = torch.tensor(f.weights(self.cache.step), dtype=torch.float64, device=h.device)
         rfe = state.rfe
         if rfe is None or rfe.gram is None:
-            w = torch.tensor(f.weights(step), dtype=torch.float64, device=h.device)
             return fused.compiled("taylor_step")(h, gate, f.value, f.diffs, w)
-        w = torch.tensor(f.weights(step), dtype=torch.float64, device=h.device)
         rest = (f.value, f.diffs, w, rfe.last_input, rfe.gram, rfe.scale)
         if norm is None:
             return fused.compiled("rfe_step")(h, gate, h, *rest)
