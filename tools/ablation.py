@@ -22,6 +22,7 @@ The naive pool has as many rows as the cache-aware ones (fewer images, every ste
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -130,7 +131,8 @@ class Ablation:
         naive_q, naive_bytes = self.quantized(naive_sel)
         self.measure("ptq", self.compressed(naive_q, None, vc=False), naive_bytes)
 
-        rfc_fp = self.compressed(self.fp, self.recipe.cache, vc=False)
+        # a copy: the cache attaches to its transformer, and the FP sampler timed beside it must stay uncached
+        rfc_fp = self.compressed(copy.deepcopy(self.fp), self.recipe.cache, vc=False)
         self.measure("rfc", rfc_fp, self.fp_bytes)
         fp_tau = rfc_fp.schedule.params.get("tau")
 
