@@ -98,3 +98,12 @@ def test_fused_step_functions_match_the_eager_path(cfg, monkeypatch):
     fused.compiled.cache_clear()
     assert c_comp.stats.nfc_per_generation() == c_eager.stats.nfc_per_generation()
     torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["fast_path", "compile"])
+def test_recipe_keys_are_booleans(key):
+    from qcache.recipe import RecipeError, recipe_from_dict
+
+    assert getattr(recipe_from_dict({"model": {}, "cache": {"policy": "fora", key: False}}).cache, key) is False
+    with pytest.raises(RecipeError, match=rf"cache\.{key}: must be true or false, got 'yes'"):
+        recipe_from_dict({"model": {}, "cache": {"policy": "fora", key: "yes"}})
