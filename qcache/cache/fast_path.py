@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..errors import QcacheError
 from . import fused
 
 if TYPE_CHECKING:
@@ -112,9 +111,8 @@ class BlockFastPath(ModelHook):
                         norm: torch.nn.LayerNorm | None, scale: torch.Tensor | None,
                         shift: torch.Tensor | None) -> torch.Tensor:
         """``_apply`` through the fused step functions of ``fused.py`` (``cache.compile: true``)."""
+        state.check_ready()
         f = state.forecaster
-        if f.value is None:
-            raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
         if f.diffs is None:
             return fused.compiled("reuse_step")(h, gate, f.value)
         w = torch.tensor(f.weights(self.cache.step), dtype=torch.float64, device=h.device)

@@ -43,6 +43,17 @@ def sample_dist(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tenso
     return torch.linalg.vector_norm(_flat(a) - _flat(b), ord=p, dim=1)
 
 
+def rfe_coefficients(moved: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """RFE's per-sample factor on the forecast's correction term: ``s * ||I(t+k) - I(t)|| / ||dir||``.
+
+    ``moved`` is ||I(t+k) - I(t)|| per sample, ``w`` the weights (j,) of the differences, ``gram`` their flattened
+    per-sample Gram matrices (B, j*j), ``scale`` s per sample. Samples with an undefined factor (NaN scale, zero
+    direction) get 1: the plain forecast. Shared by the eager path and the fused one (fused.py)."""
+    dir_norm = (gram @ torch.outer(w, w).reshape(-1)).clamp_min(0).sqrt()
+    c = scale * moved.double() / dir_norm
+    return torch.where(torch.isfinite(c), c, torch.ones_like(c))
+
+
 class Forecaster:
     """Divided differences of one tensor trajectory over the full steps, and the polynomial forecast they give."""
 
@@ -191,15 +202,12 @@ class RelationalEstimator:
         a new tensor, and may be ``inp`` itself when the caller no longer needs it."""
         if self.gram is None:
             return self.f.predict(x, out=out)
-        w = torch.tensor(self.f.weights(x), dtype=torch.float64)
-        dir_norm = (self.gram @ torch.outer(w, w).reshape(-1).to(self.gram.device)).clamp_min(0).sqrt()
+        w = torch.tensor(self.f.weights(x), dtype=torch.float64, device=self.gram.device)
         if scratch is None:
             moved = sample_dist(_hi(inp), self.last_input)
         else:
             moved = sample_norm(torch.sub(inp, self.last_input, out=scratch))
-        c = self.scale * moved.double() / dir_norm
-        c = torch.where(torch.isfinite(c), c, torch.ones_like(c))  # undefined scale, zero direction: plain forecast
-        return self.f.predict(x, scale=c, out=out)
+        return self.f.predict(x, scale=rfe_coefficients(moved, w, self.gram, self.scale), out=out)
 
     def nbytes(self) -> int:
         n = self.f.nbytes()

@@ -1,11 +1,12 @@
 """A cached step's per-module arithmetic as pure tensor functions, for ``torch.compile`` (``cache.compile: true``).
 
-In eager mode, a cached step of one module is about ten passes over an activation-sized tensor (LayerNorm,
-modulation, RFE's input distance, the forecast, the gate, the residual), each a separate kernel with its own
-output. Compiled, they fuse into two or three loops, which is what makes a cached step cheap next to a full one
-on a small model or a CPU. The functions take every step-dependent number as a tensor (forecast weights, per-sample
-scales), so one compiled graph serves every step; shapes that change (batch size, number of differences) compile
-once more. Results equal the eager path up to float rounding (reductions are reordered).
+In eager mode, a cached step of one module is about ten kernels over an activation-sized tensor (LayerNorm,
+modulation, RFE's input distance, the forecast, the gate, the residual), each with its own launch and output;
+compiled, they fuse into two or three loops. That pays where a cached step is launch-bound (GPUs); on this
+project's CPUs the eager lean path already runs near memory bandwidth and gains little (docs/cache.md). The
+functions take every step-dependent number as a tensor (forecast weights, per-sample scales), so one compiled graph
+serves every step; a new shape (batch size, number of differences) compiles once more. Results equal the eager path
+up to float rounding (reductions are reordered).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from .forecast import rfe_coefficients
 
 
 def _norm_mod(h: torch.Tensor, ln_w: torch.Tensor | None, ln_b: torch.Tensor | None, eps: float,
@@ -25,13 +28,17 @@ def _norm_mod(h: torch.Tensor, ln_w: torch.Tensor | None, ln_b: torch.Tensor | N
 
 def _rfe_coef(inp: torch.Tensor, last: torch.Tensor, w: torch.Tensor, gram: torch.Tensor,
               s: torch.Tensor) -> torch.Tensor:
-    """Per-sample coefficients (B, 1, j) of the differences in RFE's forecast (see forecast.RelationalEstimator)."""
+    """Per-sample coefficients (B, 1, j) of the differences in RFE's forecast."""
     b = inp.shape[0]
-    moved = torch.linalg.vector_norm((inp - last).reshape(b, -1).float(), dim=1).double()
-    dir_norm = (gram @ torch.outer(w, w).reshape(-1)).clamp_min(0).sqrt()
-    c = s * moved / dir_norm
-    c = torch.where(torch.isfinite(c), c, torch.ones_like(c))
-    return (c[:, None] * w).view(b, 1, -1)
+    moved = torch.linalg.vector_norm((inp - last).reshape(b, -1).float(), dim=1)
+    return (rfe_coefficients(moved, w, gram, s)[:, None] * w).view(b, 1, -1)
+
+
+def _forecast(value: torch.Tensor, coef: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
+    """``value + coef @ diffs`` per sample in float32, shaped like ``value``; coef (B, 1, j), diffs (B, j, n)."""
+    b = value.shape[0]
+    pred = value.reshape(b, -1).float() + (coef.to(torch.float32) @ diffs.float()).reshape(b, -1)
+    return pred.view(value.shape)
 
 
 def _gated(h: torch.Tensor, gate: torch.Tensor | None, pred: torch.Tensor) -> torch.Tensor:
@@ -47,20 +54,14 @@ def reuse_step(h: torch.Tensor, gate: torch.Tensor | None, value: torch.Tensor) 
 def taylor_step(h: torch.Tensor, gate: torch.Tensor | None, value: torch.Tensor, diffs: torch.Tensor,
                 w: torch.Tensor) -> torch.Tensor:
     """``h + gate * (O(t) + sum_i w_i D_i)``: the plain forecast with shared weights ``w`` (j,)."""
-    b = value.shape[0]
-    coef = w.to(torch.float32).expand(b, 1, -1)
-    pred = value.reshape(b, -1).float() + (coef @ diffs.float()).reshape(b, -1)
-    return _gated(h, gate, pred.view(value.shape))
+    return _gated(h, gate, _forecast(value, w.expand(value.shape[0], 1, -1), diffs))
 
 
 def rfe_step(h: torch.Tensor, gate: torch.Tensor | None, inp: torch.Tensor, value: torch.Tensor,
              diffs: torch.Tensor, w: torch.Tensor, last: torch.Tensor, gram: torch.Tensor,
              s: torch.Tensor) -> torch.Tensor:
     """RFE's forecast of a module whose input ``inp`` is given, gated and added to ``h``."""
-    b = value.shape[0]
-    coef = _rfe_coef(inp, last, w, gram, s).to(torch.float32)
-    pred = value.reshape(b, -1).float() + (coef @ diffs.float()).reshape(b, -1)
-    return _gated(h, gate, pred.view(value.shape))
+    return _gated(h, gate, _forecast(value, _rfe_coef(inp, last, w, gram, s), diffs))
 
 
 def rfe_norm_step(h: torch.Tensor, gate: torch.Tensor | None, ln_w: torch.Tensor | None, ln_b: torch.Tensor | None,

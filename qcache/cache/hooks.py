@@ -51,11 +51,15 @@ class _ModuleState:
     def forecast(self, step: int, inp: torch.Tensor | None, out: torch.Tensor | None = None,
                  scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The module's output at cached ``step``; ``out`` / ``scratch``: buffers to write into (see forecast.py)."""
-        if self.forecaster.value is None:
-            raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
+        self.check_ready()
         if self.rfe is not None:
             return self.rfe.predict(step, inp, out=out, scratch=scratch)
         return self.forecaster.predict(step, out=out)
+
+    def check_ready(self) -> None:
+        """A forecast needs one full step first."""
+        if self.forecaster.value is None:
+            raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
 
     def nbytes(self) -> int:
         return (self.rfe or self.forecaster).nbytes()
