@@ -24,8 +24,11 @@ def bench(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict | No
 
 
 def test_cpu_profile_rows(tmp_path):
-    p, rep = bench(tmp_path, "--device", "cpu", "--latent", "8", *TOY)
+    # --cache-compile auto with a backend that cannot compile: the run falls back to the eager cache and says so
+    p, rep = bench(tmp_path, "--device", "cpu", "--latent", "8", "--cache-compile", "auto",
+                   "--compile-backend", "no_such_backend", *TOY)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "--cache-compile auto falls back to off" in p.stdout
     rows = {r["config"]: r for r in rep["rows"]}
     assert list(rows) == ["FP fp32", "FP bf16", "int8", "RFC NFC4", "RFC NFC3", "int8 + RFC NFC4", "int8 + RFC NFC3"]
     assert rep["complete"] and rep["baseline"] == "FP fp32" and rows["FP fp32"]["latency_ratio"] == 1.0
@@ -40,7 +43,9 @@ def test_cpu_profile_rows(tmp_path):
     assert rows["FP bf16"]["timed_steps"] == 3 and rows["FP bf16"]["extrapolated"]  # CPU bf16: scaled from 3 steps
     assert rows["FP bf16"]["psnr_vs_baseline_db"] is None and not rows["int8"]["extrapolated"]
     assert rep["model"]["num_layers"] == 1 and rep["model"]["attention_head_dim"] == 64  # mid-size shape
-    assert set(rep["microbench"]["forward_s"]) == {"fp32", "bf16", "int8", "int8 (torchao stock torch._int_mm)"}
+    assert set(rep["microbench"]["forward_s"]) == {"fp32", "bf16", "int8", "int8 (native torch._int_mm)",
+                                                    "int8 (exact float route)"}
+    assert rep["cpu_int_mm_route"] in ("native", "float")
     assert "acceptance" not in rep  # no NFC 14 row in this run
     assert rep["cache_compile"] is False and not any(r["cache_compile"] for r in rows.values())
 
@@ -55,7 +60,7 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
     assert rep["baseline"] == "FP bf16" and rows["FP bf16"]["compile"] and not rows["FP bf16 eager"]["compile"]
     assert all(r["dtype"] == "bfloat16" and not r["extrapolated"] for r in rows.values())
     assert rep["model"]["attention_head_dim"] == 72 and rep["model"]["num_attention_heads"] == 16
-    # the cache's fused step functions (asked for; auto is CUDA only), traced with the same eager backend
+    # the cache's fused step functions, traced with the same eager backend
     assert rep["cache_compile"] and [n for n, r in rows.items() if r["cache_compile"]] == [n for n in rows if "RFC" in n]
 
 

@@ -214,3 +214,48 @@ def test_exact_int_mm_equals_torch_int_mm(k):
     a[0] = -128  # the worst case: every product 16384
     b[:, 0] = -128
     assert torch.equal(exact_int_mm(a, b), torch._int_mm(a, b))
+
+
+@pytest.mark.parametrize("route", ["native", "float"])
+def test_cpu_int_mm_route_from_the_environment(monkeypatch, route):
+    from qcache.quant import kernels
+
+    monkeypatch.setenv(kernels.ROUTE_ENV, route)
+    kernels.cpu_int_mm_route.cache_clear()
+    try:
+        assert kernels.cpu_int_mm_route() == route
+    finally:
+        kernels.cpu_int_mm_route.cache_clear()
+
+
+def test_cpu_int_mm_route_rejects_unknown_values(monkeypatch):
+    from qcache.quant import kernels
+
+    monkeypatch.setenv(kernels.ROUTE_ENV, "fastest")
+    kernels.cpu_int_mm_route.cache_clear()
+    try:
+        with pytest.raises(QcacheError, match="QCACHE_CPU_INT_MM: must be one of auto, native, float, got 'fastest'"):
+            kernels.cpu_int_mm_route()
+    finally:
+        kernels.cpu_int_mm_route.cache_clear()
+
+
+def test_both_cpu_int_mm_routes_give_the_same_w8a8_model_output(monkeypatch):
+    """The route is a speed choice only: a quanto W8A8 model gives bit-identical outputs on either."""
+    from qcache.quant import kernels
+
+    model = quantize_transformer(tiny_dit(), QuantConfig(preset="W8A8"), calib_set())
+    calls, native_mm = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or native_mm(a, b))
+    outs = {}
+    for route in ("native", "float"):
+        monkeypatch.setenv(kernels.ROUTE_ENV, route)
+        kernels.cpu_int_mm_route.cache_clear()
+        outs[route] = forward(model, model_inputs())
+        if route == "native":
+            assert calls, "the native route did not reach torch._int_mm"
+            calls.clear()
+    kernels.cpu_int_mm_route.cache_clear()
+    assert not calls  # the float route never calls torch._int_mm
+    assert torch.equal(outs["native"], outs["float"])
+    assert outs["native"].abs().sum() > 0

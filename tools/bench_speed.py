@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from qcache.cache import StaticSchedule, replay, uniform_full_steps  # noqa: E402
 from qcache.cli import run_cli, write_json  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
-from qcache.quant import compile_regions, quantize_transformer  # noqa: E402
+from qcache.quant import compile_regions, cpu_int_mm_route, quantize_transformer  # noqa: E402
 from qcache.quant.torchao_backend import require_torchao  # noqa: E402
 from qcache.recipe import CacheConfig, QuantConfig, SamplingConfig  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
@@ -206,16 +206,22 @@ def forward_microbench(variants_: list[Variant], batch: int, sample: int, device
         out[v.name] = once(v.model)
     int8 = next((v for v in variants_ if v.name == "int8"), None)
     if device.type == "cpu" and int8 is not None and not int8.compile:
-        from torchao.kernel import intmm
+        import os
 
         from qcache.quant import kernels
 
-        exact = intmm._int_scaled_matmul_cpu
-        intmm._int_scaled_matmul_cpu = kernels._AO_ORIGINAL  # torchao's own CPU path (torch._int_mm)
-        try:
-            out["int8 (torchao stock torch._int_mm)"] = once(int8.model)
+        chosen = os.environ.get(kernels.ROUTE_ENV)
+        try:  # both exact CPU int8 GEMM routes, whichever the run itself uses ("int8" above)
+            for route, label in (("native", "int8 (native torch._int_mm)"), ("float", "int8 (exact float route)")):
+                os.environ[kernels.ROUTE_ENV] = route
+                kernels.cpu_int_mm_route.cache_clear()
+                out[label] = once(int8.model)
         finally:
-            intmm._int_scaled_matmul_cpu = exact
+            if chosen is None:
+                os.environ.pop(kernels.ROUTE_ENV, None)
+            else:
+                os.environ[kernels.ROUTE_ENV] = chosen
+            kernels.cpu_int_mm_route.cache_clear()
     return out
 
 
@@ -239,8 +245,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: code path check)")
     ap.add_argument("--cache-compile", choices=("auto", "on", "off"), default="auto",
                     help="fuse the cache's per-module arithmetic with torch.compile (cache.compile; the model's own "
-                         "computation and the baselines are untouched by it); auto: on for CUDA only (on CPU it "
-                         "gains nothing measurable, tools/step_costs.py)")
+                         "computation and the baselines are untouched by it); auto: on, and off again with a "
+                         "message if compiling fails (no C++ compiler, say)")
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--no-float8", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -304,7 +310,7 @@ def main() -> None:
 
     # warm-up: compilation (same batch, so no recompilation later) and first-call costs: cached steps after one and
     # after two differences (the forecast shapes the timed runs meet), full steps around them
-    cache_compile = args.cache_compile == "on" or (args.cache_compile == "auto" and device.type == "cuda")
+    cache_compile = args.cache_compile != "off"
     if cache_compile and args.compile_backend != "inductor":
         from qcache.cache import fused
 
@@ -313,7 +319,15 @@ def main() -> None:
     warm_sched = StaticSchedule("ddim", 5, (0, 1, 3), "rfc", rfc_schedule(args.steps, WARMUP).params)
     for v in vs:
         t0 = time.perf_counter()
-        run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed, cache_compile)
+        try:
+            run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed, cache_compile)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: auto falls back to the eager cache
+            if args.cache_compile != "auto" or not cache_compile:
+                raise
+            log(f"cache.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "--cache-compile auto falls back to off")
+            cache_compile = False
+            run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed, cache_compile)
         log(f"warm-up {v.name}: {time.perf_counter() - t0:.1f}s")
 
     micro = {"gemm": gemm_microbench(device, dims["num_attention_heads"] * dims["attention_head_dim"],
@@ -373,6 +387,8 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
                          "random weights, so tau tuning would be meaningless",
         "psnr_note": "random weights: psnr_vs_baseline_db is a sanity check of each path, not image quality",
         "microbench": micro, "device": device_name(device), "threads": torch.get_num_threads(),
+        "cpu_int_mm_route": cpu_int_mm_route() if device.type == "cpu" and any(
+            c.variant.quant.startswith("int8") for c in configs) else None,
         "torch": torch.__version__, "torchao": torchao.__version__, "command": " ".join(sys.argv),
     }
     nfc14 = next((r for r in rows if r["config"] == "RFC NFC14"), None)

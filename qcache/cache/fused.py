@@ -35,9 +35,15 @@ def _rfe_coef(inp: torch.Tensor, last: torch.Tensor, w: torch.Tensor, gram: torc
 
 
 def _forecast(value: torch.Tensor, coef: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
-    """``value + coef @ diffs`` per sample in float32, shaped like ``value``; coef (B, 1, j), diffs (B, j, n)."""
+    """``value + coef @ diffs`` per sample in float32, shaped like ``value``; coef (B, 1, j), diffs (B, j, n).
+
+    Written as j multiply-adds rather than a matmul: the compiler fuses them with the gate and the residual into
+    one loop over the stored tensors, where a matmul stays a separate library call with its own output."""
     b = value.shape[0]
-    pred = value.reshape(b, -1).float() + (coef.to(torch.float32) @ diffs.float()).reshape(b, -1)
+    c = coef.to(torch.float32).reshape(b, -1, 1)
+    pred = value.reshape(b, -1).float()
+    for i in range(diffs.shape[1]):
+        pred = pred + c[:, i] * diffs[:, i].float()
     return pred.view(value.shape)
 
 
