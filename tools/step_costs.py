@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--compile", choices=("both", "on", "off"), default="both", help="cache.compile variants")
     ap.add_argument("--module-hooks", choices=("on", "off"), default="on",
                     help="also time each policy without the lean path (cache.fast_path: false)")
+    ap.add_argument("--store-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="cache.store_dtype of the forecast differences")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     if args.steps < 4 or args.every < 2:
@@ -91,9 +93,11 @@ def main() -> None:
         if name not in POLICIES:
             raise QcacheError(f"--policies: unknown policy {name!r} (choose from {', '.join(POLICIES)})")
         for comp in variants:
-            configs.append((name + (" compiled" if comp else ""), CacheConfig(**POLICIES[name], compile=comp)))
+            configs.append((name + (" compiled" if comp else ""),
+                            CacheConfig(**POLICIES[name], compile=comp, store_dtype=args.store_dtype)))
         if args.module_hooks == "on":
-            configs.append((name + " module hooks", CacheConfig(**POLICIES[name], fast_path=False)))
+            configs.append((name + " module hooks",
+                            CacheConfig(**POLICIES[name], fast_path=False, store_dtype=args.store_dtype)))
     timers = {label: CallTimer() for label, _ in configs}
 
     def run(label: str, cfg: CacheConfig | None, timer: CallTimer | None) -> None:
@@ -136,8 +140,8 @@ def main() -> None:
         print(f"| {r['config']} | {r['full_ms']:.1f} | {r['full_over_fp']:.3f} | "
               f"{c if r['cached_ms'] is not None else '– | –'} | {p} |")
     write_json(args.json, {"rows": rows, "model": args.model, "batch": args.batch, "steps": args.steps,
-                           "full_steps": full_steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "command": " ".join(sys.argv)})
+                           "full_steps": full_steps, "repeats": args.repeats, "store_dtype": args.store_dtype,
+                           "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":
