@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -68,3 +69,30 @@ def test_bad_nfc_is_a_one_line_error(tmp_path):
     p, rep = bench(tmp_path, "--device", "cpu", "--nfcs", "60")
     assert p.returncode == 2 and rep is None
     assert p.stderr.strip().splitlines()[-1].startswith("error: --nfcs: every NFC must be between 2 and --steps")
+
+
+def test_cpu_acceptance_reports_rfc_alone_and_with_int8(monkeypatch):
+    """The CPU acceptance block: RFC NFC 14 alone and with int8, each against 3.0, from the rows' medians."""
+    import argparse
+    import importlib.util
+
+    from qcache.cache import StaticSchedule
+    from qcache.recipe import QuantConfig
+
+    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "tools" / "bench_speed.py")
+    bs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_speed", bs)  # dataclasses look their module up there
+    spec.loader.exec_module(bs)
+    fp = bs.Variant("fp32", "none", QuantConfig(preset="none"))
+    q = bs.Variant("int8", "int8 W8A8 (dynamic)", QuantConfig(preset="W8A8", backend="torchao"))
+    sched = StaticSchedule("ddim", 50, tuple(range(14)), "rfc", {})
+    out = torch.linspace(-1, 1, 512).reshape(2, 4, 8, 8)
+    configs = [bs.Config("FP fp32", fp, None, 3, 50, [60.0, 62.0, 64.0], out),
+               bs.Config("RFC NFC14", fp, sched, 3, 50, [20.0, 21.0, 22.0], out + 0.01),
+               bs.Config("int8 + RFC NFC14", q, sched, 3, 50, [15.0, 15.5, 40.0], out + 0.02)]
+    args = argparse.Namespace(steps=50, batch=8, guidance=1.5, repeats=3, compile_backend="inductor")
+    rep = bs.make_report(args, configs, torch.device("cpu"), {}, False, {}, complete=True)
+    acc = rep["acceptance"]
+    assert acc["rfc_nfc14_latency_ratio"] == pytest.approx(62.0 / 21.0) and not acc["ratio_ge_3"]
+    assert acc["int8_rfc_nfc14_latency_ratio"] == pytest.approx(62.0 / 15.5) and acc["int8_ratio_ge_3"]
+    assert rep["cpu_int_mm_route"] in ("native", "float")

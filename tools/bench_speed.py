@@ -395,6 +395,10 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
     if device.type == "cpu" and nfc14 is not None:
         report["acceptance"] = {"rfc_nfc14_latency_ratio": nfc14["latency_ratio"],
                                 "ratio_ge_3": nfc14["latency_ratio"] >= 3.0}
+        both = next((r for r in rows if r["config"] == "int8 + RFC NFC14"), None)
+        if both is not None:  # the same NFC with the speed backend's int8 on top
+            report["acceptance"].update({"int8_rfc_nfc14_latency_ratio": both["latency_ratio"],
+                                         "int8_ratio_ge_3": both["latency_ratio"] >= 3.0})
     return report
 
 
