@@ -221,23 +221,39 @@ def test_cpu_int_mm_route_from_the_environment(monkeypatch, route):
     from qcache.quant import kernels
 
     monkeypatch.setenv(kernels.ROUTE_ENV, route)
-    kernels.cpu_int_mm_route.cache_clear()
+    kernels.chosen_cpu_int_mm_route.cache_clear()
     try:
         assert kernels.cpu_int_mm_route() == route
     finally:
-        kernels.cpu_int_mm_route.cache_clear()
+        kernels.chosen_cpu_int_mm_route.cache_clear()
 
 
 def test_cpu_int_mm_route_rejects_unknown_values(monkeypatch):
     from qcache.quant import kernels
 
     monkeypatch.setenv(kernels.ROUTE_ENV, "fastest")
-    kernels.cpu_int_mm_route.cache_clear()
+    kernels.chosen_cpu_int_mm_route.cache_clear()
     try:
         with pytest.raises(QcacheError, match="QCACHE_CPU_INT_MM: must be one of auto, native, float, got 'fastest'"):
             kernels.cpu_int_mm_route()
     finally:
-        kernels.cpu_int_mm_route.cache_clear()
+        kernels.chosen_cpu_int_mm_route.cache_clear()
+    with pytest.raises(QcacheError, match="forced_cpu_int_mm_route: route must be native or float, got 'auto'"):
+        with kernels.forced_cpu_int_mm_route("auto"):
+            pass
+
+
+def test_forced_route_overrides_the_choice_inside_its_block_only():
+    from qcache.quant import kernels
+
+    chosen = kernels.cpu_int_mm_route()
+    other = "float" if chosen == "native" else "native"
+    with kernels.forced_cpu_int_mm_route(other):
+        assert kernels.cpu_int_mm_route() == other
+        with kernels.forced_cpu_int_mm_route(chosen):
+            assert kernels.cpu_int_mm_route() == chosen
+        assert kernels.cpu_int_mm_route() == other
+    assert kernels.cpu_int_mm_route() == chosen
 
 
 def test_both_cpu_int_mm_routes_give_the_same_w8a8_model_output(monkeypatch):
@@ -249,13 +265,11 @@ def test_both_cpu_int_mm_routes_give_the_same_w8a8_model_output(monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or native_mm(a, b))
     outs = {}
     for route in ("native", "float"):
-        monkeypatch.setenv(kernels.ROUTE_ENV, route)
-        kernels.cpu_int_mm_route.cache_clear()
-        outs[route] = forward(model, model_inputs())
+        with kernels.forced_cpu_int_mm_route(route):
+            outs[route] = forward(model, model_inputs())
         if route == "native":
             assert calls, "the native route did not reach torch._int_mm"
             calls.clear()
-    kernels.cpu_int_mm_route.cache_clear()
     assert not calls  # the float route never calls torch._int_mm
     assert torch.equal(outs["native"], outs["float"])
     assert outs["native"].abs().sum() > 0

@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 from qcache.cache import StaticSchedule, replay, uniform_full_steps  # noqa: E402
 from qcache.cli import run_cli, write_json  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
-from qcache.quant import compile_regions, cpu_int_mm_route, quantize_transformer  # noqa: E402
+from qcache.quant import (compile_regions, cpu_int_mm_route, forced_cpu_int_mm_route,  # noqa: E402
+                          quantize_transformer)
 from qcache.quant.torchao_backend import require_torchao  # noqa: E402
 from qcache.recipe import CacheConfig, QuantConfig, SamplingConfig  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
@@ -206,22 +207,10 @@ def forward_microbench(variants_: list[Variant], batch: int, sample: int, device
         out[v.name] = once(v.model)
     int8 = next((v for v in variants_ if v.name == "int8"), None)
     if device.type == "cpu" and int8 is not None and not int8.compile:
-        import os
-
-        from qcache.quant import kernels
-
-        chosen = os.environ.get(kernels.ROUTE_ENV)
-        try:  # both exact CPU int8 GEMM routes, whichever the run itself uses ("int8" above)
-            for route, label in (("native", "int8 (native torch._int_mm)"), ("float", "int8 (exact float route)")):
-                os.environ[kernels.ROUTE_ENV] = route
-                kernels.cpu_int_mm_route.cache_clear()
+        # both exact CPU int8 GEMM routes, whichever the run itself uses ("int8" above)
+        for route, label in (("native", "int8 (native torch._int_mm)"), ("float", "int8 (exact float route)")):
+            with forced_cpu_int_mm_route(route):
                 out[label] = once(int8.model)
-        finally:
-            if chosen is None:
-                os.environ.pop(kernels.ROUTE_ENV, None)
-            else:
-                os.environ[kernels.ROUTE_ENV] = chosen
-            kernels.cpu_int_mm_route.cache_clear()
     return out
 
 

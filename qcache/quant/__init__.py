@@ -9,7 +9,8 @@
 dtype, regional ``torch.compile``) through the same four functions; torchao is imported only then.
 """
 
-from .kernels import cpu_int_mm, cpu_int_mm_route, exact_int_mm, install_exact_cpu_int_mm
+from .kernels import (chosen_cpu_int_mm_route, cpu_int_mm, cpu_int_mm_route, exact_int_mm, forced_cpu_int_mm_route,
+                      install_exact_cpu_int_mm)
 from .observers import AbsmaxObserver, PercentileObserver, observe_ranges
 from .plan import CONDITIONING_PATTERNS, KEEP_PATTERNS, PRESETS, plan_quantization
 from .quantize import quantize_transformer, run_calibration
@@ -21,7 +22,8 @@ install_exact_cpu_int_mm()  # bit-identical to torch._int_mm; ~30x faster on CPU
 quantize_ = quantize_transformer  # torchao-style spelling: quantize_(model, QuantConfig(...), calib)
 
 __all__ = [
-    "cpu_int_mm", "cpu_int_mm_route", "exact_int_mm", "install_exact_cpu_int_mm",
+    "chosen_cpu_int_mm_route", "cpu_int_mm", "cpu_int_mm_route", "exact_int_mm", "forced_cpu_int_mm_route",
+    "install_exact_cpu_int_mm",
     "AbsmaxObserver", "PercentileObserver", "observe_ranges", "CONDITIONING_PATTERNS", "KEEP_PATTERNS", "PRESETS",
     "plan_quantization", "quantize_", "quantize_transformer", "run_calibration", "checkpoint_bytes", "load_quantized",
     "save_quantized", "compile_regions",

@@ -9,15 +9,18 @@ CUDA keeps quanto's own kernels. ``install_exact_cpu_int_scaled_mm`` does the sa
 
 CPUs with int8 dot-product units (AVX512-VNNI, AMX) run ``torch._int_mm`` itself 5-6x faster than an fp32 matmul
 (2026-12-01 machine: 4096x384x1152 in 4.5 ms against 27 ms by the float route). Both routes give the same
-integers, so the choice is speed only: ``cpu_int_mm_route`` times each once per process on a DiT-sized GEMM and
-keeps the faster; the environment variable ``QCACHE_CPU_INT_MM`` (``auto``, ``native`` or ``float``) overrides it.
+integers, so the choice is speed only: ``chosen_cpu_int_mm_route`` times each once per process on a DiT-sized GEMM
+and keeps the faster; the environment variable ``QCACHE_CPU_INT_MM`` (``auto``, ``native`` or ``float``) overrides
+it, and ``forced_cpu_int_mm_route`` overrides both inside a ``with`` block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -27,6 +30,7 @@ _ORIGINAL = None
 ROUTE_ENV = "QCACHE_CPU_INT_MM"
 ROUTES = ("auto", "native", "float")
 PROBE_SHAPE = (1024, 384, 1152)  # (M, K, N): one DiT-S qkv projection's worth of tokens
+_FORCED: str | None = None  # set by forced_cpu_int_mm_route
 EXACT_FP32_K = 2**24 // (128 * 128)  # 1024
 
 
@@ -54,7 +58,7 @@ def _best_of(fn, repeats: int = 3) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_int_mm_route() -> str:
+def chosen_cpu_int_mm_route() -> str:
     """``native`` (``torch._int_mm``) or ``float`` (``exact_int_mm``): the faster of the two on this CPU, timed once
     per process (a few ms), unless ``QCACHE_CPU_INT_MM`` names one. Both give bit-identical results."""
     route = os.environ.get(ROUTE_ENV, "auto").strip().lower() or "auto"
@@ -69,6 +73,25 @@ def cpu_int_mm_route() -> str:
     native = _best_of(lambda: torch._int_mm(a, b))
     emulated = _best_of(lambda: exact_int_mm(a, b))
     return "native" if native < emulated else "float"
+
+
+def cpu_int_mm_route() -> str:
+    """The route CPU int8 GEMMs take now: a ``forced_cpu_int_mm_route`` block's, else the process's choice."""
+    return _FORCED or chosen_cpu_int_mm_route()
+
+
+@contextlib.contextmanager
+def forced_cpu_int_mm_route(route: str) -> Iterator[None]:
+    """Run the block's CPU int8 GEMMs by ``route`` (``native`` or ``float``), leaving the process's choice as it is:
+    for benchmarks and tests that compare the two."""
+    global _FORCED
+    if route not in ("native", "float"):
+        raise QcacheError(f"forced_cpu_int_mm_route: route must be native or float, got {route!r}")
+    previous, _FORCED = _FORCED, route
+    try:
+        yield
+    finally:
+        _FORCED = previous
 
 
 def cpu_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
