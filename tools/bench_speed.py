@@ -1,21 +1,26 @@
 """Speed benchmark: end-to-end sampling latency of full precision against RFC caching, int8/fp8 and both together.
 
     python tools/bench_speed.py --json docs/results/bench_speed_gpu.json      # CUDA: DiT-XL/2, bf16, compile
-    python tools/bench_speed.py --json docs/results/bench_speed_cpu.json      # CPU: mid-size DiT, fp32 baseline
+    python tools/bench_speed.py --json docs/results/bench_speed_cpu.json      # CPU: mid-size DiT
 
 The model is a ``DiTTransformer2DModel`` with random weights (speed does not depend on them): DiT-XL/2 at 256x256
 (latent 32) on a GPU, or the mid-size DiT-S/2 (12 blocks of width 384, 6 heads) at the same 256x256 on a CPU.
 Sampling is the library's own loop (``qcache.sampling.Sampler``): DDIM, 50 steps, classifier-free guidance 1.5 (one
 batch of 2 x batch rows per model call), batch 8. Every configuration is timed in interleaved rounds in this same
-run and ``latency_ratio`` = median time of the baseline / median time of the row. The baseline is fp32 on CPU
-(bf16 is reported too, but CPUs without bf16 units run it an order of magnitude slower, so that row times
-``--slow-steps`` steps and scales them: ``extrapolated: true``) and bf16 with ``torch.compile`` on GPU.
+run and ``latency_ratio`` = median time of the baseline / median time of the row.
+
+The baseline is full precision bf16, with regional ``torch.compile`` like every other variant (``--compile auto``:
+on wherever the backend compiles a test function). A CPU without bf16 units (a bf16 GEMM slower than fp32, timed
+at the start) has an fp32 baseline instead (``--baseline`` overrides); there the bf16 row times ``--slow-steps``
+steps and scales them (``extrapolated: true``). On CPU every row also reports ``latency_ratio_vs_fp32`` when the
+baseline is bf16, and the RFC schedules run on each full precision as well as on int8.
 
 Caching uses the public cache API: an evenly spread static schedule of NFC full steps (``uniform_full_steps``,
 warm-up 2) replayed (``replay``) with the rfc policy's forecasts (RFE, order 2) and ``rcs: false``. With random
 weights a tuned tau would mean nothing, and a static schedule has an exact, deterministic cost.
 Quantization uses qcache's torchao speed backend (``QuantConfig(backend="torchao")``): W8A8 int8 dynamic, and on
-GPUs of compute capability >= 8.9 float8 too; ``torch.compile`` (regional) on GPU.
+GPUs of compute capability >= 8.9 float8 too. On CPU the int8 variant computes around its GEMMs in float32
+(faster there than bf16, whose activation quantization costs more).
 """
 
 from __future__ import annotations
@@ -107,8 +112,8 @@ def build_base(dims: dict, seed: int, device: torch.device) -> torch.nn.Module:
     return model.eval().requires_grad_(False).to(device)
 
 
-def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool) -> list[Variant]:
-    """The model builds of this run; the first one is the baseline."""
+def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool, cpu_baseline: str = "fp32") -> list[Variant]:
+    """The model builds of this run; the first one is the baseline (``cpu_baseline``: fp32 or bf16, CPU only)."""
     def ao(preset: str, dtype: str, f8: bool = False) -> QuantConfig:
         return QuantConfig(backend="torchao", preset=preset, compute_dtype=dtype, float8=f8, keep_dtype="float32")
 
@@ -123,9 +128,21 @@ def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool) -> l
             out.append(Variant("fp8", "float8 W8A8 (dynamic, per row)", ao("W8A8", "bfloat16", True), c))
         return out
     out = [Variant("fp32", "none", ao("none", "float32"), c), Variant("bf16", "none", ao("none", "bfloat16"), c)]
-    if int8:
+    if cpu_baseline == "bf16":
+        out.reverse()
+    if int8:  # float32 around the int8 GEMMs: on CPU faster than bf16 there (the activations' quantization)
         out.append(Variant("int8", "int8 W8A8 (dynamic)", ao("W8A8", "float32"), c))
     return out
+
+
+def compile_works(backend: str, device: torch.device) -> str | None:
+    """None when ``torch.compile`` with ``backend`` runs a tiny function on ``device``; else why not (one line)."""
+    try:
+        fn = torch.compile(lambda x: x * 2 + 1, dynamic=False, backend=backend)
+        fn(torch.ones(8, device=device))
+        return None
+    except Exception as exc:  # noqa: BLE001 - any compiler failure (no C++ compiler, unknown backend)
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def rfc_schedule(steps: int, nfc: int) -> StaticSchedule:
@@ -228,9 +245,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--nfcs", default="14,10", help="NFC of the RFC rows")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     ap.add_argument("--slow-steps", type=int, default=None,
-                    help="CPU bf16 row: time this many steps and scale to --steps (default 3 on CPU, where bf16 is "
-                         "an order of magnitude slower; every uncached step costs the same)")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA only")
+                    help="bf16 row on a CPU without bf16 units (where bf16 is an order of magnitude slower): time "
+                         "this many steps and scale to --steps (default 3; every uncached step costs the same)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="regional torch.compile of every variant (baseline included); auto: on, and off with a "
+                         "message where the backend cannot compile (no C++ compiler, say)")
+    ap.add_argument("--baseline", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="CPU baseline precision; auto: bf16 where a bf16 GEMM beats fp32 (the CPU has bf16 units), "
+                         "else fp32. GPUs always use bf16")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: code path check)")
     ap.add_argument("--cache-compile", choices=("auto", "on", "off"), default="auto",
                     help="fuse the cache's per-module arithmetic with torch.compile (cache.compile; the model's own "
@@ -243,15 +265,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_configs(vs: list[Variant], nfcs: list[int], steps: int, repeats: int, slow_steps: int,
-                  gpu_profile: bool) -> list[Config]:
-    """Rows: every variant uncached, then the baseline precision and every quantized variant with each RFC NFC."""
+                  gpu_profile: bool, slow_bf16: bool = True) -> list[Config]:
+    """Rows: every variant uncached, then each RFC NFC on the baseline, on every quantized variant and (CPU) on the
+    other full precision. ``slow_bf16``: the CPU has no bf16 units, so its bf16 row times only ``slow_steps`` steps
+    and is not cached."""
     scheds = {n: rfc_schedule(steps, n) for n in nfcs}
-    cached_variants = [vs[0]] + [v for v in vs if v.quant != "none"]
+    slow = {v.name for v in vs if not gpu_profile and slow_bf16 and v.name == "bf16" and v is not vs[0]}
+    cached_variants = [v for v in vs if (v is vs[0] or v.quant != "none" or not gpu_profile) and v.name not in slow]
     configs = []
     for v in vs:
-        slow = not gpu_profile and v.name == "bf16"
         configs.append(Config(f"FP {v.name}" if v.quant == "none" else v.name, v, None, repeats,
-                              timed_steps=slow_steps if slow else steps))
+                              timed_steps=slow_steps if v.name in slow else steps))
     for v in cached_variants:
         for n in nfcs:
             name = f"RFC NFC{n}" if v is vs[0] else f"{v.name} + RFC NFC{n}"
@@ -264,7 +288,10 @@ def main() -> None:
     dev = args.device
     device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else "cpu" if dev == "auto" else dev)
     gpu_profile = device.type == "cuda" or args.full_size
-    compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    compile_on = args.compile != "off"
+    if args.compile == "auto" and (why := compile_works(args.compile_backend, device)) is not None:
+        log(f"torch.compile failed on a test function ({why}); --compile auto falls back to off")
+        compile_on = False
     dims = dict(FULL if gpu_profile else MID)
     if args.layers:
         dims["num_layers"] = args.layers
@@ -283,8 +310,13 @@ def main() -> None:
     log(f"{device_name(device)}; model {dims}; {args.steps} DDIM steps, CFG {args.guidance}, batch {args.batch}; "
         f"compile {compile_on}; threads {torch.get_num_threads()}")
 
+    gemm = gemm_microbench(device, dims["num_attention_heads"] * dims["attention_head_dim"],
+                           2 * args.batch * (dims["sample_size"] // COMMON["patch_size"]) ** 2)
+    bf16_fast = gemm["bf16_over_fp32"] < 1.0
+    cpu_baseline = args.baseline if args.baseline != "auto" else "bf16" if bf16_fast else "fp32"
     base = build_base(dims, args.seed, device)
-    vs = variants(gpu_profile, compile_on, float8, not args.no_int8)
+    vs = variants(gpu_profile, compile_on, float8, not args.no_int8, cpu_baseline)
+    log(f"baseline: FP {vs[0].name}" + ("" if gpu_profile else f" (bf16 GEMM / fp32 GEMM = {gemm['bf16_over_fp32']:.2f})"))
     for v in vs:
         t0 = time.perf_counter()
         v.model = quantize_transformer(copy.deepcopy(base), v.cfg)
@@ -293,19 +325,20 @@ def main() -> None:
         log(f"variant {v.name}: {v.quant}, {v.cfg.compute_dtype}, compile {v.compile}, "
             f"built in {time.perf_counter() - t0:.1f}s")
     del base
-    configs = build_configs(vs, nfcs, args.steps, args.repeats, slow_steps, gpu_profile)
+    configs = build_configs(vs, nfcs, args.steps, args.repeats, slow_steps, gpu_profile, slow_bf16=not bf16_fast)
     samplers = {(v.name, c.timed_steps): Sampler(v.model, SCHEDULER, dataclasses.replace(sampling, steps=c.timed_steps))
                 for c in configs for v in [c.variant]}
 
-    # warm-up: compilation (same batch, so no recompilation later) and first-call costs: cached steps after one and
-    # after two differences (the forecast shapes the timed runs meet), full steps around them
+    # warm-up: compilation (same batch, so no recompilation later) and first-call costs. Every shape the timed runs
+    # meet: cached steps after one and after two differences (steps 2 and 4), full steps that add the first, the
+    # second (from one stored row, step 3) and a renewed second difference (from two stored rows, step 5)
     cache_compile = args.cache_compile != "off"
     if cache_compile and args.compile_backend != "inductor":
         from qcache.cache import fused
 
         fused.BACKEND = args.compile_backend
-    warm = SamplingConfig(steps=5, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
-    warm_sched = StaticSchedule("ddim", 5, (0, 1, 3), "rfc", rfc_schedule(args.steps, WARMUP).params)
+    warm = SamplingConfig(steps=6, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch)
+    warm_sched = StaticSchedule("ddim", 6, (0, 1, 3, 5), "rfc", rfc_schedule(args.steps, WARMUP).params)
     for v in vs:
         t0 = time.perf_counter()
         try:
@@ -319,8 +352,7 @@ def main() -> None:
             run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed, cache_compile)
         log(f"warm-up {v.name}: {time.perf_counter() - t0:.1f}s")
 
-    micro = {"gemm": gemm_microbench(device, dims["num_attention_heads"] * dims["attention_head_dim"],
-                                     2 * args.batch * (dims["sample_size"] // COMMON["patch_size"]) ** 2)}
+    micro = {"gemm": gemm}
     micro["forward_s"] = forward_microbench(vs, args.batch, dims["sample_size"], device)
     log(f"microbenchmarks: {micro}")
 
@@ -351,6 +383,7 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
 
     base = configs[0]
     base_t = statistics.median(base.times)
+    fp32 = next((c for c in configs if c.name == "FP fp32" and c.times), None)
     today = datetime.date.today().isoformat()
     rows = []
     for c in configs:
@@ -367,6 +400,8 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
             "extrapolated": c.timed_steps != args.steps,
             "psnr_vs_baseline_db": psnr(base.output, c.output) if c.timed_steps == args.steps else None,
         })
+        if fp32 is not None and fp32 is not base:  # a bf16 baseline: the ratios against fp32 too
+            rows[-1]["latency_ratio_vs_fp32"] = statistics.median(fp32.times) / lat
     report = {
         "rows": rows, "complete": complete, "baseline": base.name, "model": {**dims, **COMMON},
         "steps": args.steps, "batch": args.batch, "guidance_scale": args.guidance, "scheduler": "ddim",
@@ -382,12 +417,17 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
     }
     nfc14 = next((r for r in rows if r["config"] == "RFC NFC14"), None)
     if device.type == "cpu" and nfc14 is not None:
-        report["acceptance"] = {"rfc_nfc14_latency_ratio": nfc14["latency_ratio"],
-                                "ratio_ge_3": nfc14["latency_ratio"] >= 3.0}
+        acc = report["acceptance"] = {"baseline": base.name, "rfc_nfc14_latency_ratio": nfc14["latency_ratio"],
+                                      "ratio_ge_3": nfc14["latency_ratio"] >= 3.0}
         both = next((r for r in rows if r["config"] == "int8 + RFC NFC14"), None)
         if both is not None:  # the same NFC with the speed backend's int8 on top
-            report["acceptance"].update({"int8_rfc_nfc14_latency_ratio": both["latency_ratio"],
-                                         "int8_ratio_ge_3": both["latency_ratio"] >= 3.0})
+            acc.update({"int8_rfc_nfc14_latency_ratio": both["latency_ratio"],
+                        "int8_ratio_ge_3": both["latency_ratio"] >= 3.0})
+        by_name = {r["config"]: r for r in rows}
+        for key, name in (("rfc_nfc14", "RFC NFC14"), ("fp32_rfc_nfc14", "fp32 + RFC NFC14"),
+                          ("int8_rfc_nfc14", "int8 + RFC NFC14")):
+            if "latency_ratio_vs_fp32" in by_name.get(name, {}):  # a bf16 baseline: the same rows against fp32
+                acc[f"{key}_latency_ratio_vs_fp32"] = by_name[name]["latency_ratio_vs_fp32"]
     return report
 
 

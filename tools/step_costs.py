@@ -54,7 +54,9 @@ class CallTimer(SamplerHook):
         (self.full if state.extras.get("full_step", True) else self.cached).append(dt)
 
 
-def build(name: str, batch: int, steps: int) -> Sampler:
+def build(name: str, batch: int, steps: int, precision: str = "model", compile_model: bool = False) -> Sampler:
+    """The sampler of one model; ``precision`` (fp32 | bf16 | int8) and ``compile_model`` rebuild it through the
+    torchao speed backend, as tools/bench_speed.py's variants."""
     if name == "digits":
         from qcache.models import load_model
         from qcache.recipe import ModelConfig
@@ -65,6 +67,15 @@ def build(name: str, batch: int, steps: int) -> Sampler:
         from bench_speed import MID, SCHEDULER, build_base
 
         model, sched = build_base(MID, 0, torch.device("cpu")), SCHEDULER
+    if precision != "model" or compile_model:
+        from qcache.quant import compile_regions, quantize_transformer
+        from qcache.recipe import QuantConfig
+
+        dtype = {"bf16": "bfloat16"}.get(precision, "float32")
+        model = quantize_transformer(model, QuantConfig(backend="torchao", preset="W8A8" if precision == "int8"
+                                                        else "none", compute_dtype=dtype, keep_dtype="float32"))
+        if compile_model:
+            compile_regions(model)
     return Sampler(model, sched, SamplingConfig(steps=steps, batch_size=batch, guidance_scale=1.5))
 
 
@@ -81,11 +92,15 @@ def main() -> None:
                     help="also time each policy without the lean path (cache.fast_path: false)")
     ap.add_argument("--store-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="cache.store_dtype of the forecast differences")
+    ap.add_argument("--precision", choices=("model", "fp32", "bf16", "int8"), default="model",
+                    help="the model's precision (int8: torchao W8A8 dynamic, float32 around it); model: as built")
+    ap.add_argument("--compile-model", action="store_true",
+                    help="regional torch.compile of the model (qcache.quant.compile_regions), as bench_speed's rows")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     if args.steps < 4 or args.every < 2:
         raise QcacheError("--steps must be >= 4 and --every >= 2")
-    sampler = build(args.model, args.batch, args.steps)
+    sampler = build(args.model, args.batch, args.steps, args.precision, args.compile_model)
     full_steps = sorted({0, 1, *range(1 + args.every, args.steps, args.every)})
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     configs: list[tuple[str, CacheConfig | None]] = [("FP", None)]
@@ -141,6 +156,7 @@ def main() -> None:
               f"{c if r['cached_ms'] is not None else '– | –'} | {p} |")
     write_json(args.json, {"rows": rows, "model": args.model, "batch": args.batch, "steps": args.steps,
                            "full_steps": full_steps, "repeats": args.repeats, "store_dtype": args.store_dtype,
+                           "precision": args.precision, "compile_model": args.compile_model,
                            "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv)})
 
 

@@ -16,6 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..compiling import compile_fn
 from .forecast import rfe_coefficients
 
 
@@ -106,5 +107,6 @@ BACKEND = "inductor"  # torch.compile backend; the tests use "eager" (graph capt
 
 @functools.lru_cache(maxsize=None)
 def compiled(name: str):
-    """The compiled version of one of this module's step functions (compiled once per process)."""
-    return torch.compile(globals()[name], dynamic=False, backend=BACKEND)
+    """The compiled version of one of this module's step functions (compiled once per process, one graph per input
+    signature: precision, number of differences, eps, strides; see qcache.compiling)."""
+    return compile_fn(globals()[name], backend=BACKEND)

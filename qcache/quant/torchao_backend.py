@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compiling import compile_fn
 from ..errors import QcacheError
 from ..recipe import QuantConfig
 from .plan import plan_quantization
@@ -92,7 +93,7 @@ def compile_regions(model: torch.nn.Module, backend: str = "inductor") -> int:
             module = getattr(block, region, None)
             if module is None or getattr(module, "_qcache_compiled", False):
                 continue
-            module.forward = torch.compile(module.forward, dynamic=False, backend=backend)
+            module.forward = compile_fn(module.forward, backend=backend)
             module._qcache_compiled = True
             n += 1
     return n
