@@ -103,7 +103,8 @@ class CacheConfig:
     rfe: bool = True  # rfc: relational feature estimation (magnitude from the module input)
     rcs: bool = True  # rfc: relational cache scheduling (full step when the input forecast error adds up)
     expansion: Literal["newton", "taylor"] = "newton"  # forecast form, see docs/cache.md
-    store_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the stored differences
+    # dtype of the stored differences; model: bfloat16 for a bf16 model, float32 for every other
+    store_dtype: Literal["model", "float32", "bfloat16"] = "model"
     schedule: str | None = None  # path of a static schedule JSON to replay
     fast_path: bool = True  # cached steps of DiT/PixArt blocks skip the block's own forward (qcache/cache/fast_path.py)
     compile: bool = False  # lean path: fuse a cached step's arithmetic with torch.compile (qcache/cache/fused.py)

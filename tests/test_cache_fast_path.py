@@ -86,6 +86,33 @@ def test_fast_path_in_bfloat16_matches_the_module_hooks():
     assert torch.equal(fast, slow)
 
 
+def test_store_dtype_model_keeps_a_bf16_models_state_in_bf16():
+    """``store_dtype: model`` (the default): a bf16 model's differences and RFE's last input stay bf16 (half the
+    bytes of float32, nothing lost: the values are bf16), a float32 model's stay float32."""
+    for dtype, cfg_store, want in ((torch.bfloat16, "model", torch.bfloat16), (torch.float32, "model", torch.float32),
+                                   (torch.bfloat16, "float32", torch.float32)):
+        s = sampler(steps=8, dtype=dtype)
+        cache = attach_cache(s.transformer, CacheConfig(policy="rfc", rcs=False, interval=3, store_dtype=cfg_store))
+        with s.extra_hooks(cache):
+            s.sample(2, seed=3, progress=False)
+        st = next(iter(cache._states.values()))
+        assert st.forecaster.diffs.dtype == want and st.forecaster.diffs.shape[1] == 2
+        assert st.rfe.last_input.dtype == dtype  # the model's own input, not an upcast copy
+        cache.remove()
+
+
+@pytest.mark.parametrize("store", ["model", "float32"])
+def test_fused_step_functions_in_bfloat16_match_the_eager_path(store, monkeypatch):
+    monkeypatch.setattr(fused, "BACKEND", "eager")
+    fused.compiled.cache_clear()
+    s = sampler(steps=8, dtype=torch.bfloat16)
+    cfg = CacheConfig(policy="rfc", rcs=False, interval=3, store_dtype=store)
+    eager, _ = sample(s, cfg, n=2)
+    comp, _ = sample(s, dataclasses.replace(cfg, compile=True), n=2)
+    fused.compiled.cache_clear()
+    torch.testing.assert_close(comp.float(), eager.float(), rtol=0, atol=1e-3)  # FORA is 9e-3 away
+
+
 @pytest.mark.parametrize("cfg", POLICIES[:4], ids=lambda c: f"{c.policy}-rfe{c.rfe}-rcs{c.rcs}")
 def test_fused_step_functions_match_the_eager_path(cfg, monkeypatch):
     """``cache.compile``: the fused step functions, traced by dynamo (backend ``eager``: no code generation in

@@ -28,7 +28,7 @@ def test_default_recipe_loads_with_expected_values():
 def test_cache_section_defaults_and_values():
     assert recipe_from_dict({"model": {}}).cache.policy == "none"
     c = recipe_from_dict({"model": {}, "cache": {"policy": "taylorseer", "interval": 5, "order": 1}}).cache
-    assert (c.policy, c.interval, c.order, c.warmup, c.store_dtype) == ("taylorseer", 5, 1, 2, "float32")
+    assert (c.policy, c.interval, c.order, c.warmup, c.store_dtype) == ("taylorseer", 5, 1, 2, "model")
     assert recipe_from_dict({"model": {}, "cache": {"policy": "rfc", "tau": 0}}).cache.tau == 0.0
 
 

@@ -10,7 +10,9 @@ the last full step and its differences over the last ``order`` gaps. Two expansi
   k^i / i!. It is exact to first order only (the second-order term is damped).
 
 The differences of a batch are kept stacked, (B, j, numel), so that a forecast is one fused ``baddbmm`` pass
-(value + coefficients @ differences) whether the coefficients are shared or per sample.
+(value + coefficients @ differences) whether the coefficients are shared or per sample. They are computed in float32
+and stored in ``store_dtype``; None stores them in bfloat16 for a bfloat16 trajectory (whose values carry no more
+precision than that) and in float32 for every other.
 
 ``RelationalEstimator`` adds RFE on top: the forecast keeps the Taylor term's direction and takes its magnitude from
 the change of the module's input, scaled by ||dO|| / ||dI|| of the last two full steps. All norms are per sample
@@ -57,7 +59,7 @@ def rfe_coefficients(moved: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, s
 class Forecaster:
     """Divided differences of one tensor trajectory over the full steps, and the polynomial forecast they give."""
 
-    def __init__(self, order: int, expansion: str = "newton", store_dtype: torch.dtype = torch.float32,
+    def __init__(self, order: int, expansion: str = "newton", store_dtype: torch.dtype | None = torch.float32,
                  fused: bool = False) -> None:
         if expansion not in ("newton", "taylor"):
             raise ValueError(f"expansion must be newton or taylor, got {expansion!r}")
@@ -84,20 +86,31 @@ class Forecaster:
     def _next_order(self) -> int:
         return min(self.available + 1, self.order) if self.value is not None else 0
 
+    def dtype_for(self, value: torch.Tensor) -> torch.dtype:
+        """The dtype the differences of ``value``'s trajectory are stored in."""
+        if self.store_dtype is not None:
+            return self.store_dtype
+        return torch.bfloat16 if value.dtype == torch.bfloat16 else torch.float32
+
+    def _spans_tensor(self, x: float, j: int, device: torch.device) -> torch.Tensor:
+        """``spans(x, j)`` as the float64 tensor the compiled updates take (fused.py)."""
+        return torch.tensor(self.spans(x, j), dtype=torch.float64, device=device)
+
     def update(self, x: float, value: torch.Tensor) -> None:
         """Record the true value at full step ``x`` (newer than every node so far)."""
         j = self._next_order()
         if j > 0 and self.fused:
             from . import fused
 
-            spans = torch.tensor(self.spans(x, j), dtype=torch.float64, device=value.device)
-            rows = fused.compiled("difference_rows")(_flat(value), _flat(self.value), self.diffs, spans)
+            rows = fused.compiled("difference_rows")(_flat(value), _flat(self.value), self.diffs,
+                                                     self._spans_tensor(x, j, value.device), self.dtype_for(value))
             self._store(x, value, rows)
             return
         rows = None
         if j > 0:
             cur = _flat(_hi(value))
-            dtype = cur.dtype if self.store_dtype == torch.float32 else self.store_dtype
+            target = self.dtype_for(value)
+            dtype = cur.dtype if target == torch.float32 else target
             # each row is written in place into the new buffer: no per-row temporaries, no stack copy
             rows = torch.empty((cur.shape[0], j, cur.shape[1]), dtype=dtype, device=cur.device)
             prev = cur
@@ -112,8 +125,9 @@ class Forecaster:
         self._store(x, value, rows)
 
     def _store(self, x: float, value: torch.Tensor, rows: torch.Tensor | None) -> None:
-        if rows is not None and self.store_dtype != torch.float32:
-            rows = rows.to(self.store_dtype)
+        target = self.dtype_for(value)
+        if rows is not None and target != torch.float32:  # float32: as computed (float64 trajectories stay so)
+            rows = rows.to(target)
         self.diffs = rows
         self.value = value
         self.nodes = [float(x), *self.nodes][: self.order + 1]
@@ -176,17 +190,16 @@ class RelationalEstimator:
         if moved and f.order > 0 and f.fused:  # rows, Gram matrix and input distance in one compiled pass
             from . import fused
 
-            j = f._next_order()
-            spans = torch.tensor(f.spans(x, j), dtype=torch.float64, device=out.device)
+            spans = f._spans_tensor(x, f._next_order(), out.device)
             rows, gram, d_in = fused.compiled("rfe_observe")(_flat(out), _flat(f.value), f.diffs, spans, inp,
-                                                             self.last_input)
+                                                             self.last_input, f.dtype_for(out))
             f._store(x, out, rows)
         else:
             d_in = sample_dist(_hi(inp), self.last_input).double() if moved and f.order > 0 else None
             f.update(x, out)
             d = f.diffs
             gram = None if d_in is None or d is None else torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()
-        self.last_input = _hi(inp)
+        self.last_input = inp  # as the model computed it: distances to it are taken in float32
         if gram is None:
             return
         # ||O(t) - O(t-N)|| = N * ||first divided difference||: read off the Gram matrix, no extra pass

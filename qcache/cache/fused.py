@@ -31,7 +31,7 @@ def _rfe_coef(inp: torch.Tensor, last: torch.Tensor, w: torch.Tensor, gram: torc
               s: torch.Tensor) -> torch.Tensor:
     """Per-sample coefficients (B, 1, j) of the differences in RFE's forecast."""
     b = inp.shape[0]
-    moved = torch.linalg.vector_norm((inp - last).reshape(b, -1).float(), dim=1)
+    moved = torch.linalg.vector_norm((inp.float() - last.float()).reshape(b, -1), dim=1)
     return (rfe_coefficients(moved, w, gram, s)[:, None] * w).view(b, 1, -1)
 
 
@@ -80,23 +80,26 @@ def rfe_norm_step(h: torch.Tensor, gate: torch.Tensor | None, ln_w: torch.Tensor
 
 
 def difference_rows(cur: torch.Tensor, value: torch.Tensor, old: torch.Tensor | None,
-                    spans: torch.Tensor) -> torch.Tensor:
+                    spans: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A full step's new divided differences (B, j, n) from the new value ``cur`` (B, n), the last value and the last
-    differences ``old`` (B, j_old, n): row i = (row i-1 - old row i-1) / spans[i] (see forecast.Forecaster.update)."""
+    differences ``old`` (B, j_old, n): row i = (row i-1 - old row i-1) / spans[i] (see forecast.Forecaster.update),
+    taken in float32 and stored in ``dtype``."""
     prev, rows = cur.float(), []
     for i in range(spans.shape[0]):
         base = value.float() if i == 0 else old[:, i - 1].float()
         prev = (prev - base) / spans[i].float()
         rows.append(prev)
-    return torch.stack(rows, 1)
+    return torch.stack(rows, 1).to(dtype)
 
 
 def rfe_observe(cur: torch.Tensor, value: torch.Tensor, old: torch.Tensor | None, spans: torch.Tensor,
-                inp: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RFE's full-step update in one pass: the new differences, their per-sample Gram matrix (B, j, j) and
-    ||I(t) - I(t-N)|| per sample (see forecast.RelationalEstimator.update)."""
-    rows = difference_rows(cur, value, old, spans)
-    gram = (rows.unsqueeze(2) * rows.unsqueeze(1)).sum(-1)
+                inp: torch.Tensor, last: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RFE's full-step update in one pass: the new differences (stored in ``dtype``), the per-sample Gram matrix
+    (B, j, j) of those stored rows and ||I(t) - I(t-N)|| per sample (see forecast.RelationalEstimator.update)."""
+    rows = difference_rows(cur, value, old, spans, dtype)
+    r = rows.float()
+    gram = (r.unsqueeze(2) * r.unsqueeze(1)).sum(-1)
     b = inp.shape[0]
     d_in = torch.linalg.vector_norm((inp.float() - last.float()).reshape(b, -1), dim=1)
     return rows, gram.double(), d_in.double()

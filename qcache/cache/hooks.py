@@ -28,7 +28,7 @@ from .policies import AllSteps, FixedSchedule, RelationalSchedule, StepPolicy
 
 HOOK_NAME = "qcache_feature_cache"
 STEP_HOOK_NAME = "qcache_feature_cache_step"
-STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STORE_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # None: as the model computes
 
 
 class _ModuleState:
