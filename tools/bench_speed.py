@@ -149,7 +149,7 @@ def rfc_schedule(steps: int, nfc: int) -> StaticSchedule:
     """Evenly spread NFC full steps (warm-up 2), replayed with RFE forecasts of order 2 and no RCS."""
     full = tuple(uniform_full_steps(steps, WARMUP, nfc))
     params = {"order": 2, "warmup": WARMUP, "rfe": True, "rcs": False, "target_nfc": nfc, "expansion": "newton",
-              "store_dtype": "float32"}
+              "store_dtype": "model"}
     return StaticSchedule("ddim", steps, full, "rfc", params)
 
 
