@@ -135,6 +135,11 @@ def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool, cpu_
     return out
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it), for the fallback messages."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
 def compile_works(backend: str, device: torch.device) -> str | None:
     """None when ``torch.compile`` with ``backend`` runs a tiny function on ``device``; else why not (one line)."""
     try:
@@ -142,7 +147,7 @@ def compile_works(backend: str, device: torch.device) -> str | None:
         fn(torch.ones(8, device=device))
         return None
     except Exception as exc:  # noqa: BLE001 - any compiler failure (no C++ compiler, unknown backend)
-        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        return one_line(exc)
 
 
 def rfc_schedule(steps: int, nfc: int) -> StaticSchedule:
@@ -346,8 +351,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - any compiler failure: auto falls back to the eager cache
             if args.cache_compile != "auto" or not cache_compile:
                 raise
-            log(f"cache.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                "--cache-compile auto falls back to off")
+            log(f"cache.compile failed ({one_line(exc)}); --cache-compile auto falls back to off")
             cache_compile = False
             run_once(Sampler(v.model, SCHEDULER, warm), warm_sched, args.batch, args.seed, cache_compile)
         log(f"warm-up {v.name}: {time.perf_counter() - t0:.1f}s")
@@ -415,15 +419,15 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
             c.variant.quant.startswith("int8") for c in configs) else None,
         "torch": torch.__version__, "torchao": torchao.__version__, "command": " ".join(sys.argv),
     }
-    nfc14 = next((r for r in rows if r["config"] == "RFC NFC14"), None)
+    by_name = {r["config"]: r for r in rows}
+    nfc14 = by_name.get("RFC NFC14")
     if device.type == "cpu" and nfc14 is not None:
         acc = report["acceptance"] = {"baseline": base.name, "rfc_nfc14_latency_ratio": nfc14["latency_ratio"],
                                       "ratio_ge_3": nfc14["latency_ratio"] >= 3.0}
-        both = next((r for r in rows if r["config"] == "int8 + RFC NFC14"), None)
+        both = by_name.get("int8 + RFC NFC14")
         if both is not None:  # the same NFC with the speed backend's int8 on top
             acc.update({"int8_rfc_nfc14_latency_ratio": both["latency_ratio"],
                         "int8_ratio_ge_3": both["latency_ratio"] >= 3.0})
-        by_name = {r["config"]: r for r in rows}
         for key, name in (("rfc_nfc14", "RFC NFC14"), ("fp32_rfc_nfc14", "fp32 + RFC NFC14"),
                           ("int8_rfc_nfc14", "int8 + RFC NFC14")):
             if "latency_ratio_vs_fp32" in by_name.get(name, {}):  # a bf16 baseline: the same rows against fp32

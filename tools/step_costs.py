@@ -90,8 +90,9 @@ def main() -> None:
     ap.add_argument("--compile", choices=("both", "on", "off"), default="both", help="cache.compile variants")
     ap.add_argument("--module-hooks", choices=("on", "off"), default="on",
                     help="also time each policy without the lean path (cache.fast_path: false)")
-    ap.add_argument("--store-dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="cache.store_dtype of the forecast differences")
+    ap.add_argument("--store-dtype", choices=("model", "float32", "bfloat16"), default="model",
+                    help="cache.store_dtype of the forecast differences (model, the recipe default: bf16 for a bf16 "
+                         "model, float32 otherwise)")
     ap.add_argument("--precision", choices=("model", "fp32", "bf16", "int8"), default="model",
                     help="the model's precision (int8: torchao W8A8 dynamic, float32 around it); model: as built")
     ap.add_argument("--compile-model", action="store_true",
