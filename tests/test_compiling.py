@@ -33,3 +33,36 @@ def test_plain_torch_compile_would_stop_at_the_cap():
     for n in range(1, 13):
         fn(torch.ones(n))
     assert _graphs() - before == dynamo_config.recompile_limit
+
+
+def test_a_first_call_under_the_flop_counter_leaves_the_function_compilable():
+    """Dynamo gives up for good on a frame it first meets under a dispatch mode: compile_fn runs eagerly there
+    (FLOPs are still counted) and compiles on the next plain call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def matmul_plus(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b + 1
+
+    fn = compile_fn(matmul_plus, backend="eager")
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    want = a @ b + 1
+    before = _graphs()
+    with FlopCounterMode(display=False) as counter:
+        got = fn(a, b)
+    assert torch.equal(got, want) and counter.get_total_flops() == 2 * 4 * 8 * 3
+    assert _graphs() == before  # nothing was traced under the mode
+    assert torch.equal(fn(a, b), want)
+    assert _graphs() - before == 1  # the plain call compiled
+
+
+def test_plain_torch_compile_gives_up_after_a_call_under_the_flop_counter():
+    """The failure that test guards against (if dynamo ever stops doing this, this test says so)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fn = torch.compile(lambda x: x * 3 - 1, dynamic=False, backend="eager")
+    before = _graphs()
+    with FlopCounterMode(display=False):
+        fn(torch.ones(5))
+    fn(torch.ones(5))
+    fn(torch.ones(6))
+    assert _graphs() == before
