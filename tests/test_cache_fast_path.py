@@ -134,3 +134,13 @@ def test_recipe_keys_are_booleans(key):
     assert getattr(recipe_from_dict({"model": {}, "cache": {"policy": "fora", key: False}}).cache, key) is False
     with pytest.raises(RecipeError, match=rf"cache\.{key}: must be true or false, got 'yes'"):
         recipe_from_dict({"model": {}, "cache": {"policy": "fora", key: "yes"}})
+
+
+@pytest.mark.parametrize("shape", [(3, 20), (3, 4, 5), (3, 2, 4, 5)])
+def test_fused_sample_distance_is_the_per_sample_norm(shape):
+    a, b = torch.randn(shape), torch.randn(shape)
+    want = torch.linalg.vector_norm((a - b).reshape(3, -1), dim=1)
+    torch.testing.assert_close(fused._sample_dist(a, b), want)
+    a16, b16 = a.bfloat16(), b.bfloat16()  # taken in float32
+    want16 = torch.linalg.vector_norm((a16.float() - b16.float()).reshape(3, -1), dim=1)
+    torch.testing.assert_close(fused._sample_dist(a16, b16), want16)
