@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--tune-samples", type=int, default=64)
     ap.add_argument("--tune-seed", type=int, default=1)
     ap.add_argument("--source", default=None, help="override the recipe's model.source")
+    ap.add_argument("--cache-compile", choices=("off", "on"), default="off",
+                    help="cache.compile for every method: the cached steps' arithmetic through torch.compile "
+                         "(qcache/cache/fused.py); each configuration then gets one untimed round first")
     ap.add_argument("--plot", default=None, help="PNG of FID-to-FP against NFC")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only combine the rows of earlier runs (each keeps the latency ratio of its own run)")
@@ -105,7 +108,8 @@ def main() -> None:
     for target in targets:
         for name in methods:
             cfg = CacheConfig(**METHODS[name], warmup=args.warmup, target_nfc=target,
-                              tune_samples=args.tune_samples, tune_seed=args.tune_seed)
+                              tune_samples=args.tune_samples, tune_seed=args.tune_seed,
+                              compile=args.cache_compile == "on")
             tau, tune = None, {}
             t0 = time.perf_counter()
             if cfg.rcs and cfg.policy == "rfc":
@@ -134,6 +138,9 @@ def main() -> None:
     times: list[list[float]] = [[] for _ in configs]
     lat_nfc: list[float] = [0.0] * len(configs)
     timed(sampler, 2, None, None)  # warm-up
+    if args.cache_compile == "on":  # compiled graphs are specific to the batch shape: compile them untimed
+        for row, cfg, tau in configs:
+            timed(sampler, args.latency_samples, cfg, tau)
     for r in range(args.repeats):
         for i, (row, cfg, tau) in enumerate(configs):
             dt, lat_nfc[i] = timed(sampler, args.latency_samples, cfg, tau)
@@ -150,8 +157,9 @@ def main() -> None:
         "rows": rows, "complete": True, "n": args.n, "steps": sampling.steps, "scheduler": sampling.scheduler,
         "guidance_scale": sampling.guidance_scale, "seed": sampling.seed, "warmup": args.warmup,
         "latency_samples": args.latency_samples, "repeats": args.repeats, "tune_samples": args.tune_samples,
-        "tune_seed": args.tune_seed, "device": str(loaded.device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "command": " ".join(sys.argv), "recipe": recipe_to_dict(recipe),
+        "tune_seed": args.tune_seed, "cache_compile": args.cache_compile == "on", "device": str(loaded.device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv),
+        "recipe": recipe_to_dict(recipe),
     }
     print_table(rows)
     report["acceptance"] = acceptance(rows)
