@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -54,7 +55,7 @@ def model_shape(name: str) -> tuple[int, int, int]:
     else:
         from bench_speed import COMMON, MID
 
-        cfg = type("Cfg", (), {**MID, **COMMON})
+        cfg = SimpleNamespace(**MID, **COMMON)
     tokens = (cfg.sample_size // cfg.patch_size) ** 2
     return tokens, cfg.num_attention_heads * cfg.attention_head_dim, 2 * cfg.num_layers
 
@@ -73,8 +74,8 @@ class States:
     def __init__(self, rows: int, tokens: int, width: int, modules: int, dtype: torch.dtype, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
 
-        def rnd(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-            return torch.randn(*shape, generator=g).to(dt)
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g).to(dtype)
 
         n = tokens * width
         self.h = rnd(rows, tokens, width)

@@ -36,9 +36,10 @@ def _rfe_coef(inp: torch.Tensor, last: torch.Tensor, w: torch.Tensor, gram: torc
 
 
 def _sample_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample ||a - b|| in float32, summed row by row over the last dimension first: the compiled loop then runs
-    over the same (rows, width) grid as the LayerNorm that builds ``a``, where one flat reduction per sample made
-    inductor index every element through a division and a modulo (2x slower on CPU)."""
+    """Per-sample ||a - b|| in float32 (RFE's input distances, cached and full steps alike), summed row by row over
+    the last dimension first: the compiled loop then runs over the same (rows, width) grid as the LayerNorm that
+    builds ``a``, where one flat reduction per sample made inductor index every element through a division and a
+    modulo (2x slower on CPU)."""
     d = a.float() - b.float()
     if d.dim() > 2:
         d = d.reshape(d.shape[0], -1, d.shape[-1])
@@ -111,9 +112,7 @@ def rfe_observe(cur: torch.Tensor, value: torch.Tensor, old: torch.Tensor | None
     rows = difference_rows(cur, value, old, spans, dtype)
     r = rows.float()
     gram = (r.unsqueeze(2) * r.unsqueeze(1)).sum(-1)
-    b = inp.shape[0]
-    d_in = torch.linalg.vector_norm((inp.float() - last.float()).reshape(b, -1), dim=1)
-    return rows, gram.double(), d_in.double()
+    return rows, gram.double(), _sample_dist(inp, last).double()
 
 
 BACKEND = "inductor"  # torch.compile backend; the tests use "eager" (graph capture without code generation)
