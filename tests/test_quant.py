@@ -62,8 +62,11 @@ def test_reload_is_bit_identical(tmp_path, cfg):
     for name in qmap["modules"]:
         a, b = m.get_submodule(name), r.get_submodule(name)
         assert torch.equal(a.input_scale, b.input_scale) and torch.equal(a.output_scale, b.output_scale)
-    # and the quantization did something: outputs differ from the full-precision model
-    assert not torch.equal(forward(tiny_dit(), inputs), before)
+    # and the quantization did something, within the error its bit width allows (relative L2 to full precision;
+    # measured about 3e-4 for 8-bit and 2e-3 for 4-bit weights on this model)
+    fp = forward(tiny_dit(), inputs)
+    rel = float((before - fp).norm() / fp.norm())
+    assert 1e-6 < rel < (2e-3 if cfg.preset.startswith("W8") else 1e-2)
 
 
 def test_reload_into_given_base_model_and_twice(tmp_path):
@@ -273,3 +276,34 @@ def test_both_cpu_int_mm_routes_give_the_same_w8a8_model_output(monkeypatch):
     assert not calls  # the float route never calls torch._int_mm
     assert torch.equal(outs["native"], outs["float"])
     assert outs["native"].abs().sum() > 0
+
+
+def test_importing_qcache_patches_no_library_and_models_scope_the_exact_route():
+    """The exact CPU int8 route is swapped in only while a quantized model runs (issue: no import-time patching)."""
+    import subprocess
+    import sys
+
+    code = ("import optimum.quanto.library.qbytes_mm as m; f = m.qbytes_int_mm; import qcache, qcache.quant, "
+            "qcache.compress; assert m.qbytes_int_mm is f, 'patched at import'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    from optimum.quanto.library import qbytes_mm
+
+    from qcache.quant import kernels
+
+    original = qbytes_mm.qbytes_int_mm
+    seen = []
+    model = torch.nn.Linear(4, 4)
+    model.register_forward_hook(lambda *a: seen.append(qbytes_mm.qbytes_int_mm))
+    kernels.use_exact_cpu_int_mm(kernels.use_exact_cpu_int_mm(model))  # idempotent: one pair of hooks
+    assert len(model._forward_pre_hooks) == 1
+    model(torch.ones(1, 4))
+    assert seen == [kernels._qbytes_int_mm] and qbytes_mm.qbytes_int_mm is original
+    with pytest.raises(RuntimeError):
+        model(torch.ones(1, 3))  # a failing forward restores the library's function too
+    assert qbytes_mm.qbytes_int_mm is original
+    with kernels.exact_cpu_int_mm():
+        with kernels.exact_cpu_int_mm():
+            assert qbytes_mm.qbytes_int_mm is kernels._qbytes_int_mm
+        assert qbytes_mm.qbytes_int_mm is kernels._qbytes_int_mm  # re-entrant: the outer block still holds it
+    assert qbytes_mm.qbytes_int_mm is original

@@ -144,16 +144,18 @@ def test_exact_cpu_int_scaled_mm_equals_torch_int_mm():
 
     from qcache.quant import kernels
 
-    kernels.install_exact_cpu_int_scaled_mm()
-    assert intmm._int_scaled_matmul_cpu is not kernels._AO_ORIGINAL  # installed (quantize/load do it too)
+    original = intmm._int_scaled_matmul_cpu
     g = torch.Generator().manual_seed(0)
-    for k in (96, 2500):  # one chunk, and three chunks of a K beyond float32's exact range
-        a = torch.randint(-128, 128, (40, k), generator=g, dtype=torch.int8)
-        b = torch.randint(-128, 128, (k, 24), generator=g, dtype=torch.int8)
-        a[0], b[:, 0] = -128, -128  # worst case: K * 16384 exceeds 2^24
-        assert torch.equal(kernels.exact_int_mm(a, b), torch._int_mm(a, b))
-        s = torch.rand(40, 1, generator=g)
-        assert torch.equal(intmm._int_scaled_matmul_cpu(a, b, s), kernels._AO_ORIGINAL(a, b, s))
+    with kernels.exact_cpu_int_mm():
+        assert intmm._int_scaled_matmul_cpu is not original  # swapped inside the block only
+        for k in (96, 2500):  # one chunk, and three chunks of a K beyond float32's exact range
+            a = torch.randint(-128, 128, (40, k), generator=g, dtype=torch.int8)
+            b = torch.randint(-128, 128, (k, 24), generator=g, dtype=torch.int8)
+            a[0], b[:, 0] = -128, -128  # worst case: K * 16384 exceeds 2^24
+            assert torch.equal(kernels.exact_int_mm(a, b), torch._int_mm(a, b))
+            s = torch.rand(40, 1, generator=g)
+            assert torch.equal(intmm._int_scaled_matmul_cpu(a, b, s), original(a, b, s))
+    assert intmm._int_scaled_matmul_cpu is original
 
 
 def test_float8_refused_on_cpu():

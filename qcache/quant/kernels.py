@@ -5,11 +5,12 @@ quanto 0.2.7 runs W8A8 on CPU through ``torch._int_mm``, which on CPUs without i
 result can be computed exactly with a float matmul: every partial sum is an integer of magnitude at most
 K * 128 * 128, so float32 is exact for K <= 1024 (2^24) in any summation order; longer K is split into chunks of
 1024 whose exact partial products are summed in int32. The output is therefore bit-identical to ``torch._int_mm``;
-CUDA keeps quanto's own kernels. ``install_exact_cpu_int_scaled_mm`` does the same for torchao's CPU int8 path.
+CUDA keeps quanto's own kernels; torchao's CPU int8 path gets the same treatment. The swap is scoped:
+``exact_cpu_int_mm`` is a context manager, and ``use_exact_cpu_int_mm`` runs a quantized model's forwards inside
+it (qcache calls it where it builds or loads a quantized model); importing qcache patches nothing.
 
-CPUs with int8 dot-product units (AVX512-VNNI, AMX) run ``torch._int_mm`` itself 5-6x faster than an fp32 matmul
-(2026-12-01 machine: 4096x384x1152 in 4.5 ms against 27 ms by the float route). Both routes give the same
-integers, so the choice is speed only: ``chosen_cpu_int_mm_route`` times each once per process on a DiT-sized GEMM
+CPUs with int8 dot-product units (AVX512-VNNI, AMX) run ``torch._int_mm`` itself several times faster than an
+fp32 matmul (docs/speed.md). Both routes give the same integers, so the choice is speed only: ``chosen_cpu_int_mm_route`` times each once per process on a DiT-sized GEMM
 and keeps the faster; the environment variable ``QCACHE_CPU_INT_MM`` (``auto``, ``native`` or ``float``) overrides
 it, and ``forced_cpu_int_mm_route`` overrides both inside a ``with`` block.
 """
@@ -19,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from ..errors import QcacheError
 
-_ORIGINAL = None
 ROUTE_ENV = "QCACHE_CPU_INT_MM"
 ROUTES = ("auto", "native", "float")
 PROBE_SHAPE = (1024, 384, 1152)  # (M, K, N): one DiT-S qkv projection's worth of tokens
@@ -101,41 +103,88 @@ def cpu_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _qbytes_int_mm(activations: torch.Tensor, weights: torch.Tensor, output_scales: torch.Tensor) -> torch.Tensor:
     if activations.device.type != "cpu":
-        return _ORIGINAL(activations, weights, output_scales)
+        return _ORIGINALS["quanto"](activations, weights, output_scales)
     out_features = weights.shape[0]
     out = cpu_int_mm(activations.reshape(-1, activations.shape[-1]), weights.t())
     out = out.reshape(activations.shape[:-1] + (out_features,))
     return (out.to(torch.float32) * output_scales.t()).to(output_scales.dtype)
 
 
-def install_exact_cpu_int_mm() -> None:
-    """Route quanto's CPU int8 GEMM through ``cpu_int_mm`` (the faster exact route; idempotent)."""
-    global _ORIGINAL
-    from optimum.quanto.library import qbytes_mm as mod
-
-    if _ORIGINAL is None:
-        _ORIGINAL = mod.qbytes_int_mm
-        mod.qbytes_int_mm = _qbytes_int_mm
-
-
-_AO_ORIGINAL = None
-
-
 def _ao_int_scaled_mm_cpu(a: torch.Tensor, b: torch.Tensor, scales1: torch.Tensor) -> torch.Tensor:
     if cpu_int_mm_route() == "native":  # torchao's own CPU path (it picks u8s8 on VNNI, s8s8 on AMX)
-        return _AO_ORIGINAL(a, b, scales1)
+        return _ORIGINALS["torchao"](a, b, scales1)
     return exact_int_mm(a, b).to(scales1.dtype) * scales1
 
 
-def install_exact_cpu_int_scaled_mm() -> None:
-    """Route torchao's CPU int8 x int8 GEMM through ``exact_int_mm`` where that is faster than ``torch._int_mm``
-    (CPUs without VNNI/AMX units; ``cpu_int_mm_route``).
+def _targets() -> list[tuple[str, object, str, Callable]]:
+    """(key, module, attribute, replacement) of every library function the exact route stands in for."""
+    from optimum.quanto.library import qbytes_mm
 
-    Same integers, same rescaling, so bit-identical; idempotent. Needs torchao (imported here, not at start-up).
+    out = [("quanto", qbytes_mm, "qbytes_int_mm", _qbytes_int_mm)]
+    if "torchao" in sys.modules:  # only when the torchao backend is in use: never imported from here
+        try:
+            from torchao.kernel import intmm
+        except ImportError:
+            pass
+        else:
+            out.append(("torchao", intmm, "_int_scaled_matmul_cpu", _ao_int_scaled_mm_cpu))
+    return out
+
+
+_ORIGINALS: dict[str, Callable] = {}
+_DEPTH = 0
+_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def exact_cpu_int_mm() -> Iterator[None]:
+    """Inside the block, quanto's CPU int8 GEMM (and torchao's, when torchao is loaded) run through ``cpu_int_mm``;
+    the libraries' own functions are back on exit (re-entrant: the outermost block restores them).
+
+    quanto 0.2.7 looks its CPU kernel up as a module global at call time, so the swap reaches every call made
+    inside the block and nothing outside it. Results are bit-identical either way; only the speed differs.
     """
-    global _AO_ORIGINAL
-    from torchao.kernel import intmm
+    global _DEPTH
+    with _LOCK:
+        if _DEPTH == 0:
+            for key, mod, attr, fn in _targets():
+                _ORIGINALS[key] = getattr(mod, attr)
+                setattr(mod, attr, fn)
+        _DEPTH += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:
+                for key, mod, attr, _ in _targets():
+                    if key in _ORIGINALS:
+                        setattr(mod, attr, _ORIGINALS.pop(key))
 
-    if _AO_ORIGINAL is None:
-        _AO_ORIGINAL = intmm._int_scaled_matmul_cpu
-        intmm._int_scaled_matmul_cpu = _ao_int_scaled_mm_cpu
+
+_SCOPE_ATTR = "_qcache_exact_int_mm"
+
+
+def use_exact_cpu_int_mm(model: torch.nn.Module) -> torch.nn.Module:
+    """Run every forward of ``model`` inside ``exact_cpu_int_mm`` (forward hooks; idempotent); returns ``model``.
+
+    Called where quantized models are built or loaded, so the route applies to qcache's models and to nothing
+    else in the process.
+    """
+    if getattr(model, _SCOPE_ATTR, False):
+        return model
+    scopes: list[contextlib.AbstractContextManager] = []
+
+    def enter(module, args):
+        scope = exact_cpu_int_mm()
+        scope.__enter__()
+        scopes.append(scope)
+
+    def leave(module, args, output):
+        if scopes:
+            scopes.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+    setattr(model, _SCOPE_ATTR, True)
+    return model

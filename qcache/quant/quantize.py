@@ -15,6 +15,7 @@ from optimum.quanto.nn import QModuleMixin, quantize_module
 
 from ..errors import QcacheError
 from ..recipe import QuantConfig
+from .kernels import use_exact_cpu_int_mm
 from .observers import observe_ranges
 from .plan import plan_quantization
 
@@ -121,6 +122,7 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
                                                                                 batch_size, conditioner),
                                 cfg.observer, cfg.percentile)
     apply_plan(transformer, plan)
+    use_exact_cpu_int_mm(transformer)
     decisions = {}
     for name in act_names:
         m = transformer.get_submodule(name)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import QcacheError
+from .kernels import use_exact_cpu_int_mm
 from .quantize import DTYPES, FORMAT, apply_plan, set_output_quantization
 from .torchao_backend import FORMAT as AO_FORMAT  # torchao itself is imported only when used
 
@@ -158,7 +159,7 @@ def load_quantized(directory: str | Path, base: Callable[[], torch.nn.Module] | 
     if bad or set(loaded) - set(sd):
         raise QcacheError(f"load_quantized: tensors differ from {directory / WEIGHTS_FILE} after loading: "
                           f"{(bad or sorted(set(loaded) - set(sd)))[:3]}")
-    model = model.to(device).eval().requires_grad_(False)
+    model = use_exact_cpu_int_mm(model.to(device).eval().requires_grad_(False))
     model.qcache_quant = {k: v for k, v in qmap.items() if k not in ("model_config", "model_class", "dtype")}
     return model
 

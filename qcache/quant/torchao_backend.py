@@ -23,6 +23,7 @@ import torch
 from ..compiling import compile_fn
 from ..errors import QcacheError
 from ..recipe import QuantConfig
+from .kernels import use_exact_cpu_int_mm
 from .plan import plan_quantization
 from .quantize import DTYPES, round_kept_tensors
 
@@ -106,9 +107,6 @@ def target_dtype(model: torch.nn.Module, compute_dtype: str) -> torch.dtype:
 def quantize_torchao(transformer: torch.nn.Module, cfg: QuantConfig) -> torch.nn.Module:
     """Quantize ``transformer`` in place with the torchao backend; returns it with ``qcache_quant`` filled in."""
     require_torchao()
-    from .kernels import install_exact_cpu_int_scaled_mm
-
-    install_exact_cpu_int_scaled_mm()
     device = next(transformer.parameters()).device
     plan = plan_quantization(transformer, cfg)
     if cfg.float8 and plan:
@@ -118,7 +116,7 @@ def quantize_torchao(transformer: torch.nn.Module, cfg: QuantConfig) -> torch.nn
     transformer.eval().requires_grad_(False)
     round_kept_tensors(transformer, plan, cfg.keep_dtype)
     apply_ao_plan(transformer, plan, cfg.float8)
-    transformer.requires_grad_(False)
+    use_exact_cpu_int_mm(transformer.requires_grad_(False))
     transformer.qcache_quant = {
         "format": FORMAT,
         "backend": "torchao",

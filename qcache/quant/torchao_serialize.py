@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import QcacheError
+from .kernels import use_exact_cpu_int_mm
 from .quantize import DTYPES
 from .torchao_backend import FORMAT, compile_regions, require_torchao
 
@@ -68,9 +69,6 @@ def load_torchao(directory: Path, qmap: dict, model: torch.nn.Module, device: to
     require_torchao()
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-    from .kernels import install_exact_cpu_int_scaled_mm
-
-    install_exact_cpu_int_scaled_mm()
     path = directory / WEIGHTS_FILE
     data, meta = _read(path)
     if meta.get("format") != FORMAT:
@@ -92,7 +90,7 @@ def load_torchao(directory: Path, qmap: dict, model: torch.nn.Module, device: to
     except RuntimeError as e:
         raise QcacheError(f"load_quantized: {path} does not match the model: {str(e).splitlines()[0]}") from None
     check_against_file(model, qmap["keep_dtype"], data, path)
-    model = model.to(device).eval().requires_grad_(False)
+    model = use_exact_cpu_int_mm(model.to(device).eval().requires_grad_(False))
     model.qcache_quant = {k: v for k, v in qmap.items() if k not in ("model_config", "model_class", "dtype")}
     if qmap.get("compile"):
         compile_regions(model)
