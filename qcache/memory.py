@@ -1,10 +1,9 @@
 """Process-wide allocator setting for qcache's command-line tools: keep freed memory instead of unmapping it.
 
 PyTorch on CPU allocates every activation-sized tensor afresh. glibc serves large requests with ``mmap`` and hands
-them back to the OS on ``free``, so the next tensor of that size is page-faulted in again, page by page. In the
-shared VMs this project runs on, a subtraction of two 6 MB tensors into a fresh result took 1765 us against 106 us
-into a reused one, and 318 us once this setting is on (``python tools/bench_alloc.py [--keep-freed-memory]``);
-it slows the uncached and the cached model alike. ``keep_freed_memory`` raises glibc's mmap and trim thresholds,
+them back to the OS on ``free``, so the next tensor of that size is page-faulted in again, page by page; on the
+shared VMs this project runs on that made a fresh activation-sized result many times slower than a reused one
+(``python tools/bench_alloc.py [--keep-freed-memory]`` measures it), for the uncached and the cached model alike. ``keep_freed_memory`` raises glibc's mmap and trim thresholds,
 the effect that jemalloc or tcmalloc give through ``LD_PRELOAD``. The CLI entry points call it at start
 (``QCACHE_KEEP_FREED_MEMORY=0`` turns it off); as a library, qcache leaves the allocator alone.
 """
