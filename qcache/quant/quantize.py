@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from optimum.quanto import freeze
-from optimum.quanto.nn import QModuleMixin, quantize_module
+from optimum.quanto.nn import quantize_module
 
 from ..errors import QcacheError
 from ..recipe import QuantConfig
@@ -147,7 +147,3 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
     }
     return transformer
 
-
-def quantized_modules(model: torch.nn.Module) -> dict[str, QModuleMixin]:
-    """The quanto modules of ``model`` by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QModuleMixin)}
