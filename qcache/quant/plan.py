@@ -64,3 +64,23 @@ def plan_quantization(model: torch.nn.Module, cfg: QuantConfig) -> dict[str, dic
         if w != "none":
             plan[name] = {"weights": w, "activations": a}
     return plan
+
+
+# dtypes a kept (not quantized) tensor may be stored in
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def round_kept_tensors(model: torch.nn.Module, plan: dict, keep_dtype: str) -> None:
+    """Round every float parameter that will not be quantized to ``keep_dtype`` precision, in place.
+
+    The model keeps computing in its own dtype; the values become exactly representable in ``keep_dtype``, so
+    the checkpoint stores them in 16 bits and reloads them bit-identically. Quantized weights are skipped.
+    """
+    target = DTYPES[keep_dtype]
+    quantized = {f"{n}.weight" for n in plan}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in quantized or not p.is_floating_point():
+                continue
+            if target.itemsize < p.dtype.itemsize:
+                p.copy_(p.to(target).to(p.dtype))

@@ -17,13 +17,12 @@ from ..errors import QcacheError
 from ..recipe import QuantConfig
 from .kernels import use_exact_cpu_int_mm
 from .observers import observe_ranges
-from .plan import plan_quantization
+from .plan import plan_quantization, round_kept_tensors
 
 QTYPES = {"int8": "qint8", "int4": "qint4", "none": None}
 INT8_MAX = 127.0
 MIN_RANGE = 1e-8  # a module whose input is all zeros still gets a usable scale
 FORMAT = "qcache-quanto/1"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def run_calibration(model: torch.nn.Module, calib, guidance: bool = True, batch_size: int = 128,
@@ -54,22 +53,6 @@ def run_calibration(model: torch.nn.Module, calib, guidance: bool = True, batch_
                 x, t = torch.cat([x, x]), torch.cat([t, t])
                 cond = cond.cat(conditioner.null(len(rows[col])))
             family.forward(model, x, t, cond.to(param.device, param.dtype))
-
-
-def round_kept_tensors(model: torch.nn.Module, plan: dict, keep_dtype: str) -> None:
-    """Round every float parameter that will not be quantized to ``keep_dtype`` precision, in place.
-
-    The model keeps computing in its own dtype; the values become exactly representable in ``keep_dtype``, so
-    the checkpoint stores them in 16 bits and reloads them bit-identically. Quantized weights are skipped.
-    """
-    target = DTYPES[keep_dtype]
-    quantized = {f"{n}.weight" for n in plan}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in quantized or not p.is_floating_point():
-                continue
-            if target.itemsize < p.dtype.itemsize:
-                p.copy_(p.to(target).to(p.dtype))
 
 
 def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import QcacheError
 from .kernels import use_exact_cpu_int_mm
-from .quantize import DTYPES, FORMAT, apply_plan, set_output_quantization
+from .plan import DTYPES
+from .quantize import FORMAT, apply_plan, set_output_quantization
 from .torchao_backend import FORMAT as AO_FORMAT  # torchao itself is imported only when used
 
 WEIGHTS_FILE = "model.safetensors"

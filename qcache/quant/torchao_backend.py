@@ -24,8 +24,7 @@ from ..compiling import compile_fn
 from ..errors import QcacheError
 from ..recipe import QuantConfig
 from .kernels import use_exact_cpu_int_mm
-from .plan import plan_quantization
-from .quantize import DTYPES, round_kept_tensors
+from .plan import DTYPES, plan_quantization, round_kept_tensors
 
 FORMAT = "qcache-torchao/1"
 COMPILED_REGIONS = ("norm1", "attn1", "attn2", "ff")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..errors import QcacheError
 from .kernels import use_exact_cpu_int_mm
-from .quantize import DTYPES
+from .plan import DTYPES
 from .torchao_backend import FORMAT, compile_regions, require_torchao
 
 WEIGHTS_FILE = "model.safetensors"
