@@ -92,13 +92,14 @@ def test_changed_weights_recompute_every_stage_and_equal_a_fresh_run(digits: Pat
     recipe = recipe_from_dict(small_recipe(digits, out))
     first = compress(recipe, out, progress=False, log=quiet)
     assert all(not r for r in reused(first).values()) and list(reused(first)) == list(STAGES)
+    before = model_files(first.artifact)  # the next runs replace this artifact
     assert all(reused(compress(recipe, out, progress=False, log=quiet)).values())  # unchanged: every stage reused
 
     scale_one_tensor(digits)
     changed = compress(recipe, out, progress=False, log=quiet)
     assert not any(reused(changed).values())  # every stage reads the weights, itself or through its upstream
     files = model_files(changed.artifact)
-    assert files["transformer/model.safetensors"] != model_files(first.artifact)["transformer/model.safetensors"]
+    assert files["transformer/model.safetensors"] != before["transformer/model.safetensors"]
     fresh = compress(recipe, out, progress=False, fresh=True, log=quiet)
     assert not any(reused(fresh).values()) and model_files(fresh.artifact) == files
 
@@ -108,13 +109,14 @@ def test_changed_scheduler_config_recomputes_exactly_what_samples(digits: Path, 
     out = tmp_path / "out"
     recipe = recipe_from_dict(small_recipe(digits, out, quant={"preset": "W8"}, cache={"policy": "fora", "interval": 2},
                                            vc={"enabled": False}))
-    compress(recipe, out, progress=False, log=quiet)
+    before = model_files(compress(recipe, out, progress=False, log=quiet).artifact)
     set_scheduler(digits, beta_end=0.021)
     res = compress(recipe, out, progress=False, log=quiet)
     # no pool here (no activation is calibrated): quantizing reads the weights, not the noise schedule
     assert reused(res) == {"quantize": True, "schedule": False, "vc": False, "reference": False, "evaluate": False,
                            "sweep": False}
     assert json.loads((res.artifact / "scheduler_config.json").read_text())["beta_end"] == 0.021
+    assert model_files(res.artifact)["transformer/model.safetensors"] == before["transformer/model.safetensors"]
     fresh = compress(recipe, out, progress=False, fresh=True, log=quiet)
     assert model_files(fresh.artifact) == model_files(res.artifact)
     assert fresh.report["full_precision"]["fid_data"] == res.report["full_precision"]["fid_data"]
