@@ -112,10 +112,11 @@ def _claim(out: Path, key: str) -> Iterator[None]:
     An OS error (a regular file in the way, a read-only or virtual file system, a name too long) is one line naming
     ``key``, and removes the directories this call created."""
     created: list[Path] = []
+    missing: list[Path] = []
     try:
         if os.path.lexists(out) and not out.is_dir():
             raise QcacheError(f"{key}: {_short(out)} exists and is not a directory")
-        missing, p = [], out
+        p = out
         while not os.path.lexists(p) and p != p.parent:
             missing.append(p)
             p = p.parent
@@ -127,7 +128,8 @@ def _claim(out: Path, key: str) -> Iterator[None]:
         for d in reversed(created):
             with contextlib.suppress(OSError):
                 d.rmdir()
-        raise QcacheError(f"{key}: cannot create {_short(out)}: {e.strerror or type(e).__name__}") from None
+        verb = "cannot create" if missing or not os.path.lexists(out) else "cannot write to"
+        raise QcacheError(f"{key}: {verb} {_short(out)}: {e.strerror or type(e).__name__}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
