@@ -4,12 +4,14 @@
 
 Samples ``calibration.pool_images`` images with the recipe's full-precision model and, when
 ``calibration.cache_aware`` is on and the recipe has a ``cache`` section, with that cache active (tau tuned to
-its target NFC as the cache engine does), keeping the model inputs of the full steps only.
+its target NFC as the cache engine does, unless a tuned tau is passed in), keeping the model inputs of the full
+steps only. ``qcache.compress`` tunes tau itself (``qcache.pipeline.tune_fp_tau``) and passes it in.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -22,11 +24,17 @@ from qcache.sampling import Sampler
 from .pool import collect_pool
 
 
-def attach_recipe_cache(sampler: Sampler, recipe: Recipe):
-    """Attach the recipe's cache (if it has an active one) to ``sampler``; returns the cache or None."""
+def attach_recipe_cache(sampler: Sampler, recipe: Recipe, tau: float | None = None):
+    """Attach the recipe's cache (if it has an active one) to ``sampler``; returns the cache or None.
+
+    ``tau`` (already tuned, e.g. by ``qcache.pipeline.tune_fp_tau``) replaces ``cache.tau``; without it a recipe
+    that asks for ``target_nfc`` has tau tuned here.
+    """
     cfg = getattr(recipe, "cache", None)
     if cfg is None or getattr(cfg, "policy", "none") == "none":
         return None
+    if tau is not None:
+        cfg = dataclasses.replace(cfg, tau=tau)
     from qcache.cache import cache_sampler
 
     cache, _ = cache_sampler(sampler, cfg)
@@ -35,10 +43,11 @@ def attach_recipe_cache(sampler: Sampler, recipe: Recipe):
 
 def collect_for_recipe(recipe: Recipe, images: int | None = None, seed: int | None = None,
                        use_cache: bool | None = None, progress: bool = False, transformer=None,
-                       scheduler_config: dict | None = None, conditioner=None):
+                       scheduler_config: dict | None = None, conditioner=None, tau: float | None = None):
     """The pool of ``recipe`` (its FP model unless ``transformer`` is given); returns (dataset, cache or None).
 
-    ``conditioner`` maps condition ids to conditions (default: the recipe's, built from ``condition``).
+    ``conditioner`` maps condition ids to conditions (default: the recipe's, built from ``condition``); ``tau``
+    is the RCS threshold to sample with (None: ``cache.tau``, or tuned here to ``cache.target_nfc``).
     """
     cal = recipe.calibration
     if transformer is None:
@@ -48,7 +57,7 @@ def collect_for_recipe(recipe: Recipe, images: int | None = None, seed: int | No
             conditioner = load_parts(loaded, recipe.condition).conditioner
     sampler = Sampler(transformer, scheduler_config, recipe.sampling, conditioner=conditioner)
     use_cache = cal.cache_aware if use_cache is None else use_cache
-    cache = attach_recipe_cache(sampler, recipe) if use_cache else None
+    cache = attach_recipe_cache(sampler, recipe, tau) if use_cache else None
     try:
         pool = collect_pool(sampler, cal.pool_images if images is None else images,
                             cal.pool_seed if seed is None else seed, progress=progress)

@@ -2,10 +2,12 @@
 
     python -m qcache.compress RECIPE [--out DIR] [--fresh] [--no-progress]
 
-Stages (each kept under DIR/stages/, so a re-run after an interruption resumes where it stopped, and a changed
-recipe recomputes only the stages that depend on what changed):
+Stages, declared once each in ``STAGE_LIST`` (qcache.stages.Stage: what it reads, build, load); each is kept under
+DIR/stages/ with a key derived from what it reads (recipe values, the model's files and scheduler config, upstream
+stages), so a re-run after an interruption resumes where it stopped, and a changed recipe, model or noise schedule
+recomputes only the stages that read what changed:
 
-    1 pool       cache-aware calibration pool (FP weights, the recipe's cache active)
+    1 pool       tau tuned on the FP model, then the cache-aware calibration pool (the recipe's cache active)
     2 selection  calibration set (random | kmeans | tap)
     3 quantize   optimum-quanto with our observers
     4 schedule   tau for the target NFC on the quantized model -> static full-step schedule
@@ -14,6 +16,7 @@ recipe recomputes only the stages that depend on what changed):
     7 evaluate   the compressed model on the same noise; latency of both, in one run
     8 sweep      quality against NFC for the report
 
+The recipe, the model, its scheduler config and every file the recipe names are checked before DIR is created.
 The artifact is written to DIR/artifact/ through a temporary directory renamed into place; DIR/report.json is a
 copy of its report. Load it with ``qcache.load(DIR)``.
 """
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import platform
 import shutil
 import sys
@@ -39,16 +43,15 @@ from .artifact import write_artifact
 from .cli import run_cli, write_json
 from .compressed import CompressedModel
 from .errors import QcacheError
-from .models import load_model, load_parts
+from .families.parts import ModelParts
+from .fingerprint import file_fingerprint, model_fingerprint, scheduler_fingerprint
+from .models import LoadedModel, load_model, load_parts
 from .pipeline import (build_pool, cache_schedule, evaluate_pair, fit_variance_compensation, has_cache,
                        needs_calibration, quality_sweep, quantize_model, reference_samples, select_calibration)
 from .recipe import Recipe, load_recipe, recipe_to_dict
 from .report import plots, report_markdown, summary_table
 from .sampling import SampleSet
-from .stages import StageStore, stage_key
-
-STAGES = ("pool", "selection", "quantize", "schedule", "vc", "reference", "evaluate", "sweep")
-
+from .stages import Stage, StageRun, StageStore, run_stages
 
 @dataclass
 class CompressResult:
@@ -64,16 +67,128 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _short(value: object, limit: int = 200) -> str:
+    """``value`` as text, its middle cut out beyond ``limit`` characters (error lines stay one readable line)."""
+    s = str(value)
+    return s if len(s) <= limit else f"{s[:limit - 60]}...{s[-50:]}"
+
+
+# ---- inputs: everything a run reads is checked before anything is written ----------------------------------------
+def check_inputs(recipe: Recipe, loaded: LoadedModel, parts) -> None:
+    """Check what the stages read besides the recipe and the model weights: the model's scheduler config (built
+    through diffusers, as the sampler builds it) and a replayed ``cache.schedule`` file."""
+    from .cache import StaticSchedule
+    from .sampling import Sampler, make_scheduler
+
+    try:
+        make_scheduler(recipe.sampling.scheduler, loaded.scheduler_config).set_timesteps(recipe.sampling.steps)
+    except Exception as e:  # diffusers raises ValueError, NotImplementedError, TypeError, ... on a bad config
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise QcacheError(f"model.source: diffusers refuses its scheduler config for sampling.scheduler "
+                          f"{recipe.sampling.scheduler!r}: {type(e).__name__}: {_short(first)}") from None
+    sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
+    if recipe.cache.schedule is not None and recipe.cache.policy != "none":
+        StaticSchedule.load(recipe.cache.schedule).check(sampler)
+
+
+def stage_inputs(recipe: Recipe, loaded: LoadedModel, parts) -> dict:
+    """What the stages read from outside the recipe, as fingerprints for their keys (qcache.fingerprint)."""
+    try:
+        weights = model_fingerprint(loaded.location or loaded.source)
+    except OSError as e:
+        raise QcacheError(f"model.source: cannot read {_short(e.filename)}: {e.strerror}") from None
+    try:
+        schedule_file = file_fingerprint(recipe.cache.schedule if recipe.cache.policy != "none" else None)
+    except OSError as e:
+        raise QcacheError(f"cache.schedule: cannot read {_short(e.filename)}: {e.strerror}") from None
+    return {"weights": weights, "scheduler": scheduler_fingerprint(loaded.scheduler_config),
+            "condition": parts.conditioner.fingerprint(), "schedule_file": schedule_file}
+
+
 @contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One compress per output directory at a time."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as f:
+def _claim(out: Path, key: str) -> Iterator[None]:
+    """Create ``out`` (and missing parents) and hold its lock: one compress per output directory at a time.
+
+    An OS error (a regular file in the way, a read-only or virtual file system, a name too long) is one line naming
+    ``key``, and removes the directories this call created."""
+    created: list[Path] = []
+    missing: list[Path] = []
+    try:
+        if os.path.lexists(out) and not out.is_dir():
+            raise QcacheError(f"{key}: {_short(out)} exists and is not a directory")
+        p = out
+        while not os.path.lexists(p) and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        f = open(out / ".lock", "w")
+    except OSError as e:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        verb = "cannot create" if missing or not os.path.lexists(out) else "cannot write to"
+        raise QcacheError(f"{key}: {verb} {_short(out)}: {e.strerror or type(e).__name__}") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise QcacheError(f"--out: another qcache.compress is writing {out}") from None
+            raise QcacheError(f"{key}: another qcache.compress is writing {_short(out)}") from None
         yield
+
+
+def compress(recipe: Recipe, out: str | Path | None = None, progress: bool = True, fresh: bool = False,
+             log: Callable[[str], None] = _log) -> CompressResult:
+    """Run the whole pipeline for ``recipe``; intermediate products under ``out/stages``, the artifact at
+    ``out/artifact``. Returns the in-memory compressed model (bit-identical to what ``qcache.load`` gives back).
+
+    The model, its scheduler config, the conditions and every file the recipe names are checked before the output
+    directory is created; an input error is a QcacheError and nothing is written."""
+    key = "--out" if out else "output.dir"
+    out = Path(out or recipe.output.dir)
+    loaded = load_model(recipe.model)
+    parts = load_parts(loaded, recipe.condition)  # bad prompts / a missing VAE
+    check_inputs(recipe, loaded, parts)
+    inputs = stage_inputs(recipe, loaded, parts)
+    with _claim(out, key):
+        if fresh:
+            shutil.rmtree(out / "stages", ignore_errors=True)
+        for stale in out.glob(".artifact.*.partial"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        return _compress(recipe, loaded, parts, inputs, out, progress, log)
+
+
+# ---- the stages ------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class CompressRun(StageRun):
+    """One compress run: the recipe, the FP model and its parts, and what the stages built or reused."""
+
+    recipe: Recipe
+    loaded: LoadedModel
+    parts: ModelParts
+    progress: bool
+    calibrate: bool  # some activation is quantized with static ranges: the pool and selection stages run
+
+    @property
+    def fp(self) -> torch.nn.Module:
+        return self.loaded.transformer
+
+    @property
+    def sched(self) -> dict:
+        return self.loaded.scheduler_config
+
+    def model(self) -> CompressedModel:
+        """The compressed model from the products so far: quantized transformer, schedule, VC factors (once fitted)."""
+        vc = self.product("vc") if "vc" in self.infos else None
+        return CompressedModel(self.product("quantize"), self.sched, self.recipe.sampling, self.recipe.cache,
+                               self.product("schedule"), vc[0] if vc else None, source=self.recipe.model.source,
+                               parts=self.parts)
+
+
+def _num(value, fmt: str) -> str:
+    """``value`` formatted, or "n/a" for a metric that is not available for this model (None)."""
+    return "n/a" if value is None else format(value, fmt)
 
 
 def _save_samples(path: Path, s: SampleSet) -> None:
@@ -89,216 +204,210 @@ def _load_samples(path: Path) -> SampleSet:
     return SampleSet(d["images"], d["labels"])
 
 
-def compress(recipe: Recipe, out: str | Path | None = None, progress: bool = True, fresh: bool = False,
-             log: Callable[[str], None] = _log) -> CompressResult:
-    """Run the whole pipeline for ``recipe``; intermediate products under ``out/stages``, the artifact at
-    ``out/artifact``. Returns the in-memory compressed model (bit-identical to what ``qcache.load`` gives back)."""
-    out = Path(out or recipe.output.dir)
-    if out.exists() and not out.is_dir():
-        raise QcacheError(f"--out: {out} exists and is not a directory")
-    loaded = load_model(recipe.model)  # a bad model source fails before anything is written
-    parts = load_parts(loaded, recipe.condition)  # so do bad prompts / a missing VAE
-    with _exclusive(out):
-        if fresh:
-            shutil.rmtree(out / "stages", ignore_errors=True)
-        for stale in out.glob(".artifact.*.partial"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        return _compress(recipe, loaded, parts, out, progress, log)
-
-
-def _num(value, fmt: str) -> str:
-    """``value`` formatted, or "n/a" for a metric that is not available for this model (None)."""
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _compress(recipe: Recipe, loaded, parts, out: Path, progress: bool, log: Callable[[str], None]) -> CompressResult:
-    import datasets
+def _load_dataset(path: Path):
     from datasets import load_from_disk
-    from safetensors.torch import load_file, save_file
 
-    from .quant import checkpoint_bytes, load_quantized, save_quantized
+    return load_from_disk(str(path))
+
+
+def _no_calibration(r: CompressRun) -> str | None:
+    if r.calibrate:
+        return None
+    if r.recipe.quant.backend == "torchao":
+        return "quant.backend torchao quantizes activations at run time"
+    return f"quant.preset {r.recipe.quant.preset} quantizes no activations"
+
+
+def _build_pool(r: CompressRun, tmp: Path):
+    pool, info = build_pool(r.recipe, r.fp, r.sched, r.progress, r.parts)  # tunes tau on FP first (tune_fp_tau)
+    pool.save_to_disk(str(tmp / "pool"))
+    return pool, info
+
+
+def _build_selection(r: CompressRun, tmp: Path):
+    pool = r.product("pool")
+    sel = select_calibration(r.recipe, pool)
+    sel.save_to_disk(str(tmp / "selection"))
+    return sel, {"rows": len(sel), "pool_rows": len(pool), "selector": r.recipe.calibration.selector}
+
+
+def _build_quantize(r: CompressRun, tmp: Path):
+    from .quant import checkpoint_bytes, save_quantized
+
+    model = quantize_model(r.recipe, r.fp, r.product("selection"), r.parts)
+    save_quantized(model, tmp / "transformer")
+    return model, {"preset": r.recipe.quant.preset, "modules": len(model.qcache_quant["modules"]),
+                   "bytes": checkpoint_bytes(tmp / "transformer")}
+
+
+def _load_quantize(r: CompressRun, path: Path, info: dict):
+    from .quant import load_quantized
+
+    return load_quantized(path / "transformer", device=r.loaded.device)
+
+
+def _build_schedule(r: CompressRun, tmp: Path):
+    tau_guess = (r.infos["pool"] or {}).get("tau")  # the FP model's tau, where the pool stage tuned one
+    schedule, info = cache_schedule(r.recipe, r.product("quantize"), r.sched, tau_guess, r.parts)
+    if schedule is not None:
+        schedule.save(tmp / SCHEDULE_FILE)
+    return schedule, {**info, "nfc": schedule.nfc if schedule else r.recipe.sampling.steps,
+                      "full_steps": list(schedule.full_steps) if schedule else None}
+
+
+def _load_schedule(r: CompressRun, path: Path, info: dict):
+    from .cache import StaticSchedule
+
+    return StaticSchedule.load(path / SCHEDULE_FILE) if info["full_steps"] else None
+
+
+def _build_vc(r: CompressRun, tmp: Path):
+    from safetensors.torch import save_file
+
+    factors, curves = fit_variance_compensation(r.recipe, r.model(), r.fp, r.sched)
+    if factors is not None:
+        factors = factors.detach().cpu().contiguous()  # as a reused run loads it back
+        save_file({"factors": factors}, str(tmp / VC_FILE))
+    (tmp / "curves.json").write_text(json.dumps(curves))
+    info = {"enabled": factors is not None, "final_error_without": curves["without_vc"][-1]}
+    if factors is not None:
+        info.update(min=float(factors.min()), max=float(factors.max()), mean=float(factors.mean()),
+                    final_error_with=curves["with_vc"][-1])
+    return (factors, curves), info
+
+
+def _load_vc(r: CompressRun, path: Path, info: dict):
+    from safetensors.torch import load_file
+
+    factors = load_file(str(path / VC_FILE))["factors"] if info["enabled"] else None
+    return factors, json.loads((path / "curves.json").read_text())
+
+
+def _build_reference(r: CompressRun, tmp: Path):
+    samples, quality = reference_samples(r.recipe, r.fp, r.sched, r.progress, r.parts)
+    _save_samples(tmp / SAMPLES_FILE, samples)
+    return samples, quality
+
+
+def _build_evaluate(r: CompressRun, tmp: Path):
+    metrics = evaluate_pair(r.recipe, r.fp, r.sched, r.model(), r.product("reference"), r.infos["reference"],
+                            r.infos["quantize"]["bytes"], r.progress)
+    samples = metrics.pop("_samples")
+    _save_samples(tmp / SAMPLES_FILE, samples)
+    return samples, metrics
+
+
+def _build_sweep(r: CompressRun, tmp: Path):
+    points = quality_sweep(r.recipe, r.model(), r.product("reference"), r.infos["schedule"].get("tau"),
+                           progress=r.progress)
+    return points, {"points": points}
+
+
+def _summary_vc(i: dict) -> str:
+    if not i["enabled"]:
+        return "disabled"
+    return (f"K in [{i['min']:.3f}, {i['max']:.3f}], final-step error vs FP {i['final_error_without']:.4f} -> "
+            f"{i['final_error_with']:.4f}")
+
+
+def _summary_evaluate(i: dict) -> str:
+    c = i["compressed"]
+    return (f"FID to FP {_num(c['fid_to_fp'], '.3f')}, PSNR {c['psnr']:.2f} dB, latency ratio "
+            f"{c['latency_ratio']:.2f}x, size ratio {c['size_ratio']:.2f}x")
+
+
+SCHEDULE_FILE, VC_FILE, SAMPLES_FILE = "cache_schedule.json", "vc_factors.safetensors", "samples.safetensors"
+# What each stage reads decides its key: "recipe" lists recipe paths, "inputs" fingerprints from outside the recipe
+# (stage_inputs: weights = the model's files, scheduler = its noise schedule, condition = classes or prompts,
+# schedule_file = a replayed cache.schedule), "after" the upstream stages whose products it uses.
+_SAMPLING = ("sampling", "condition")
+STAGE_LIST: list[Stage] = [
+    Stage("pool", _build_pool, lambda r, p, i: _load_dataset(p / "pool"),
+          lambda i: f"{i['rows']} rows from {i['images']} images (cache {i['cache']})"
+                    + (f", tau {i['tau']:.4g} tuned on the FP model" if "probes" in i else ""),
+          recipe=("model", *_SAMPLING, "cache", "calibration.pool_images", "calibration.pool_seed",
+                  "calibration.cache_aware"),
+          inputs=("weights", "scheduler", "condition", "schedule_file"), skip=_no_calibration),
+    Stage("selection", _build_selection, lambda r, p, i: _load_dataset(p / "selection"),
+          lambda i: f"{i['selector']} picked {i['rows']} of {i['pool_rows']} pool rows",
+          recipe=("calibration",), after=("pool",), skip=_no_calibration),
+    Stage("quantize", _build_quantize, _load_quantize,
+          lambda i: f"{i['preset']}, {i['modules']} modules quantized, {i['bytes'] / 1e6:.2f} MB",
+          recipe=("model", "quant", "sampling.guidance_scale", "condition"), inputs=("weights", "condition"),
+          after=("selection",)),
+    Stage("schedule", _build_schedule, _load_schedule,
+          lambda i: f"{i['policy']}, NFC {i['nfc']}" + (f", tau {i['tau']:.4g}" if i.get("tau") else ""),
+          recipe=(*_SAMPLING, "cache"), inputs=("scheduler", "condition", "schedule_file"),
+          after=("quantize", "pool")),
+    Stage("vc", _build_vc, _load_vc, _summary_vc, recipe=("model", *_SAMPLING, "cache", "vc"),
+          inputs=("weights", "scheduler", "condition"), after=("quantize", "schedule")),
+    Stage("reference", _build_reference, lambda r, p, i: _load_samples(p / SAMPLES_FILE),
+          lambda i: f"class accuracy {_num(i['class_accuracy'], '.3f')}, FID vs data {_num(i['fid_data'], '.2f')}",
+          recipe=("model", *_SAMPLING, "eval.n"), inputs=("weights", "scheduler", "condition")),
+    Stage("evaluate", _build_evaluate, lambda r, p, i: _load_samples(p / SAMPLES_FILE), _summary_evaluate,
+          recipe=("model", *_SAMPLING, "cache", "eval"), inputs=("weights", "scheduler", "condition"),
+          after=("quantize", "schedule", "vc", "reference")),
+    Stage("sweep", _build_sweep, lambda r, p, i: i["points"], lambda i: f"{len(i['points'])} settings",
+          recipe=(*_SAMPLING, "cache"), inputs=("scheduler", "condition"), after=("quantize", "schedule", "reference")),
+]
+STAGES = tuple(s.name for s in STAGE_LIST)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+def _compress(recipe: Recipe, loaded: LoadedModel, parts, inputs: dict, out: Path, progress: bool,
+              log: Callable[[str], None]) -> CompressResult:
+    import datasets
 
     datasets.disable_progress_bars()
     t_start = time.perf_counter()
-    store = StageStore(out / "stages")
-    R = recipe_to_dict(recipe)
-    fp, sched, device = loaded.transformer, loaded.scheduler_config, loaded.device
-    timings: dict[str, dict] = {}
-    box: dict = {}  # products built in this run, so they are not read back from disk
-
-    def run(i: int, name: str, key: str, build: Callable[[Path], dict | None], summary: Callable[[dict], str]):
-        log(f"[{i}/{len(STAGES)}] {name} ...")
-        res = store.run(name, key, build)
-        timings[name] = {"seconds": round(res.seconds, 2), "reused": res.reused}
-        how = "reused from an earlier run" if res.reused else f"{res.seconds:.1f}s"
-        log(f"[{i}/{len(STAGES)}] {name}: {summary(res.info)} ({how})")
-        return res
-
-    cond = parts.conditioner.fingerprint()  # the conditions every sampling stage uses (prompts, classes)
-    # 1-2: calibration data (only when some activation is quantized)
-    k_pool = stage_key(model=R["model"], sampling=R["sampling"], cache=R["cache"], condition=cond,
-                       pool={k: R["calibration"][k] for k in ("pool_images", "pool_seed", "cache_aware")})
-    k_sel = stage_key(pool=k_pool, calibration=R["calibration"])
-    selection, tau_guess = None, None
-    calibrate = needs_calibration(recipe, fp)
-    if calibrate:
-        def build_pool_stage(tmp: Path) -> dict:
-            pool, info = build_pool(recipe, fp, sched, progress, parts)
-            pool.save_to_disk(str(tmp / "pool"))
-            box["pool"] = pool
-            return info
-
-        res = run(1, "pool", k_pool, build_pool_stage,
-                  lambda i: f"{i['rows']} rows from {i['images']} images (cache {i['cache']})")
-        pool = box["pool"] if "pool" in box else load_from_disk(str(res.path / "pool"))
-        tau_guess = res.info.get("tau")
-
-        def build_selection_stage(tmp: Path) -> dict:
-            sel = select_calibration(recipe, pool)
-            sel.save_to_disk(str(tmp / "selection"))
-            box["selection"] = sel
-            return {"rows": len(sel), "pool_rows": len(pool), "selector": recipe.calibration.selector}
-
-        res = run(2, "selection", k_sel, build_selection_stage,
-                  lambda i: f"{i['selector']} picked {i['rows']} of {i['pool_rows']} pool rows")
-        selection = box["selection"] if "selection" in box else load_from_disk(str(res.path / "selection"))
-        calib_desc = (f"{recipe.calibration.selector} {len(selection)} of {len(pool)} pool rows "
-                      f"({'cache-aware' if recipe.calibration.cache_aware and has_cache(recipe) else 'no cache'})")
-    else:
-        dynamic = recipe.quant.backend == "torchao"
-        why = ("quant.backend torchao quantizes activations at run time" if dynamic
-               else f"quant.preset {recipe.quant.preset} quantizes no activations")
-        for i, name in ((1, "pool"), (2, "selection")):
-            log(f"[{i}/{len(STAGES)}] {name}: skipped ({why})")
-        calib_desc = "none (dynamic activations)" if dynamic else "none (weights only)"
-
-    # 3: quantize
-    k_q = stage_key(selection=k_sel if calibrate else None, model=R["model"], quant=R["quant"],
-                    guidance=recipe.sampling.guidance_scale > 1.0, condition=cond)
-
-    def build_quant_stage(tmp: Path) -> dict:
-        model = quantize_model(recipe, fp, selection, parts)
-        save_quantized(model, tmp / "transformer")
-        box["quantized"] = model
-        return {"preset": recipe.quant.preset, "modules": len(model.qcache_quant["modules"]),
-                "bytes": checkpoint_bytes(tmp / "transformer")}
-
-    res = run(3, "quantize", k_q, build_quant_stage,
-              lambda i: f"{i['preset']}, {i['modules']} modules quantized, {i['bytes'] / 1e6:.2f} MB")
-    qmodel = box["quantized"] if "quantized" in box else load_quantized(res.path / "transformer", device=device)
-    q_bytes = res.info["bytes"]
-
-    # 4: cache schedule on the quantized model
-    from .cache import StaticSchedule
-
-    k_s = stage_key(quantized=k_q, cache=R["cache"], sampling=R["sampling"])
-
-    def build_schedule_stage(tmp: Path) -> dict:
-        schedule, info = cache_schedule(recipe, qmodel, sched, tau_guess, parts)
-        if schedule is not None:
-            schedule.save(tmp / "cache_schedule.json")
-        return {**info, "nfc": schedule.nfc if schedule else recipe.sampling.steps,
-                "full_steps": list(schedule.full_steps) if schedule else None}
-
-    res = run(4, "schedule", k_s, build_schedule_stage,
-              lambda i: f"{i['policy']}, NFC {i['nfc']}" + (f", tau {i['tau']:.4g}" if i.get("tau") else ""))
-    sched_info = res.info
-    schedule = StaticSchedule.load(res.path / "cache_schedule.json") if sched_info["full_steps"] else None
-    compressed = CompressedModel(qmodel, sched, recipe.sampling, recipe.cache, schedule, None,
-                                 source=recipe.model.source, parts=parts)
-
-    # 5: variance compensation
-    k_vc = stage_key(schedule=k_s, vc=R["vc"])
-
-    def build_vc_stage(tmp: Path) -> dict:
-        factors, curves = fit_variance_compensation(recipe, compressed, fp, sched)
-        if factors is not None:
-            save_file({"factors": factors.contiguous()}, str(tmp / "vc_factors.safetensors"))
-        (tmp / "curves.json").write_text(json.dumps(curves))
-        info = {"enabled": factors is not None, "final_error_without": curves["without_vc"][-1]}
-        if factors is not None:
-            info.update(min=float(factors.min()), max=float(factors.max()), mean=float(factors.mean()),
-                        final_error_with=curves["with_vc"][-1])
-        return info
-
-    res = run(5, "vc", k_vc, build_vc_stage,
-              lambda i: (f"K in [{i['min']:.3f}, {i['max']:.3f}], final-step error vs FP "
-                         f"{i['final_error_without']:.4f} -> {i['final_error_with']:.4f}") if i["enabled"]
-              else "disabled")
-    vc_info = res.info
-    curves = json.loads((res.path / "curves.json").read_text())
-    if vc_info["enabled"]:
-        compressed.vc_factors = load_file(str(res.path / "vc_factors.safetensors"))["factors"]
-
-    # 6: FP reference samples
-    k_ref = stage_key(model=R["model"], sampling=R["sampling"], n=recipe.eval.n, condition=cond)
-
-    def build_reference_stage(tmp: Path) -> dict:
-        samples, quality = reference_samples(recipe, fp, sched, progress, parts)
-        _save_samples(tmp / "samples.safetensors", samples)
-        box["reference"] = samples
-        return quality
-
-    res = run(6, "reference", k_ref, build_reference_stage,
-              lambda i: f"class accuracy {_num(i['class_accuracy'], '.3f')}, FID vs data {_num(i['fid_data'], '.2f')}")
-    reference = box["reference"] if "reference" in box else _load_samples(res.path / "samples.safetensors")
-    ref_quality = res.info
-
-    # 7: evaluate both on the same noise
-    k_ev = stage_key(vc=k_vc, reference=k_ref, eval=R["eval"])
-
-    def build_eval_stage(tmp: Path) -> dict:
-        metrics = evaluate_pair(recipe, fp, sched, compressed, reference, ref_quality, q_bytes, progress)
-        samples = metrics.pop("_samples")
-        _save_samples(tmp / "samples.safetensors", samples)
-        box["compressed_samples"] = samples
-        return metrics
-
-    res = run(7, "evaluate", k_ev, build_eval_stage,
-              lambda i: f"FID to FP {_num(i['compressed']['fid_to_fp'], '.3f')}, PSNR "
-                        f"{i['compressed']['psnr']:.2f} dB, latency ratio "
-                        f"{i['compressed']['latency_ratio']:.2f}x, size ratio {i['compressed']['size_ratio']:.2f}x")
-    metrics = res.info
-    c_samples = box["compressed_samples"] if "compressed_samples" in box else _load_samples(res.path / "samples.safetensors")
-
-    # 8: quality against NFC
-    k_sw = stage_key(quantized=k_q, schedule=k_s, reference=k_ref)
-
-    def build_sweep_stage(tmp: Path) -> dict:
-        return {"points": quality_sweep(recipe, compressed, reference, sched_info.get("tau"), progress=progress)}
-
-    res = run(8, "sweep", k_sw, build_sweep_stage, lambda i: f"{len(i['points'])} settings")
-    sweep = res.info["points"]
-
-    report = {
-        "qcache_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "setup": {
-            "model_source": recipe.model.source, "family": parts.family.name,
-            "condition": parts.conditioner.fingerprint().split(":")[0],
-            "decoded_by_vae": parts.vae is not None,
-            "device": str(device), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "quant": recipe.quant.preset,
-            "cache": recipe.cache.policy, "calibration": calib_desc, "steps": recipe.sampling.steps,
-            "scheduler": recipe.sampling.scheduler, "guidance_scale": recipe.sampling.guidance_scale,
-            "seed": recipe.sampling.seed,
-        },
-        **{k: metrics[k] for k in ("n", "latency_samples", "latency_repeats", "full_precision", "compressed")},
-        "schedule": sched_info,
-        "vc": vc_info,
-        "error_per_step": curves,
-        "quality_vs_nfc": sweep,
-        "stages": timings,
-        "recipe": R,
-    }
+    run = CompressRun(recipe_dict=recipe_to_dict(recipe), inputs=inputs, recipe=recipe, loaded=loaded, parts=parts,
+                      progress=progress, calibrate=needs_calibration(recipe, loaded.transformer))
+    run_stages(STAGE_LIST, StageStore(out / "stages"), run, log)
+    compressed = run.model()
+    report = _report(run)
     log("[artifact] writing report, plots and the artifact ...")
-    files = plots(report, reference.images, c_samples.images)
+    files = plots(report, run.product("reference").images, run.product("evaluate").images)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report_json = (json.dumps(report, indent=2, default=str) + "\n").encode()
     files.update({"report.json": report_json, "report.md": report_markdown(report).encode()})
     artifact = write_artifact(out / "artifact", compressed, recipe, files)
     write_json(out / "report.json", report)
     return CompressResult(compressed, report, artifact, out)
+
+
+def _calibration_desc(r: CompressRun) -> str:
+    recipe = r.recipe
+    if r.calibrate:
+        sel = r.infos["selection"]
+        aware = "cache-aware" if recipe.calibration.cache_aware and has_cache(recipe) else "no cache"
+        return f"{recipe.calibration.selector} {sel['rows']} of {sel['pool_rows']} pool rows ({aware})"
+    return "none (dynamic activations)" if recipe.quant.backend == "torchao" else "none (weights only)"
+
+
+def _report(r: CompressRun) -> dict:
+    """The run's report (without its total seconds, added once the plots are drawn)."""
+    recipe, metrics = r.recipe, r.infos["evaluate"]
+    return {
+        "qcache_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "setup": {
+            "model_source": recipe.model.source, "family": r.parts.family.name,
+            "condition": r.parts.conditioner.fingerprint().split(":")[0],
+            "decoded_by_vae": r.parts.vae is not None,
+            "device": str(r.loaded.device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "quant": recipe.quant.preset,
+            "cache": recipe.cache.policy, "calibration": _calibration_desc(r), "steps": recipe.sampling.steps,
+            "scheduler": recipe.sampling.scheduler, "guidance_scale": recipe.sampling.guidance_scale,
+            "seed": recipe.sampling.seed,
+        },
+        **{k: metrics[k] for k in ("n", "latency_samples", "latency_repeats", "full_precision", "compressed")},
+        "schedule": r.infos["schedule"],
+        "vc": r.infos["vc"],
+        "error_per_step": r.product("vc")[1],
+        "quality_vs_nfc": r.infos["sweep"]["points"],
+        "stages": r.timings,
+        "recipe": r.recipe_dict,
+    }
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The compress pipeline's stages as plain functions: each takes what the one before produced and returns its own.
 
-    pool = build_pool(recipe, fp, sched)                       cache-aware calibration pool (FP weights, cache on)
+    tuned = tune_fp_tau(recipe, fp, sched)                     tau of RCS on the FP model (build_pool calls it)
+    pool, info = build_pool(recipe, fp, sched)                 cache-aware calibration pool (FP weights, cache on)
     selection = select_calibration(recipe, pool)               random | kmeans | tap
     qmodel = quantize_model(recipe, fp, sched, selection)      a quantized copy; ``fp`` is left untouched
     schedule, info = cache_schedule(recipe, qmodel, sched)     tau for the target NFC -> static full-step mask
@@ -62,18 +63,40 @@ def has_cache(recipe: Recipe) -> bool:
 
 
 # ---- calibration ---------------------------------------------------------------------------------------------
+def tune_fp_tau(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, parts: ModelParts | None = None):
+    """RCS's tau tuned to ``cache.target_nfc`` on the FP model, or None when the pool has nothing to tune.
+
+    The cache-aware pool is sampled with this tau, and the schedule stage's search on the quantized model starts
+    from it (``cache_schedule``'s ``tau_guess``): the two models need nearly the same tau. Nothing is tuned without
+    a cache-aware pool, without RCS, with a fixed ``cache.tau`` or with a replayed ``cache.schedule``.
+    """
+    from .cache import tune_tau
+
+    cfg = recipe.cache
+    if not (recipe.calibration.cache_aware and cfg.policy == "rfc" and cfg.rcs and cfg.tau is None
+            and cfg.schedule is None):
+        return None
+    return tune_tau(_sampler(recipe, fp, scheduler_config, _parts(parts, fp)), cfg, cfg.target_nfc)
+
+
 def build_pool(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, progress: bool = False,
                parts: ModelParts | None = None):
-    """The calibration pool: model inputs of the full steps along trajectories sampled with the recipe's cache."""
+    """The calibration pool: model inputs of the full steps along trajectories sampled with the recipe's cache.
+
+    tau is tuned first, in the open (``tune_fp_tau``), and reported in ``info`` (``tau``, ``tune_nfc``, ``probes``).
+    """
     from calibration.collect import collect_for_recipe
 
+    tuned = tune_fp_tau(recipe, fp, scheduler_config, parts)
     pool, cache = collect_for_recipe(recipe, progress=progress, transformer=fp, scheduler_config=scheduler_config,
-                                     conditioner=_parts(parts, fp).conditioner)
+                                     conditioner=_parts(parts, fp).conditioner, tau=tuned.tau if tuned else None)
     info = {"rows": len(pool), "images": recipe.calibration.pool_images,
             "cache": recipe.cache.policy if cache is not None else "none"}
     if cache is not None:
         info["mean_nfc"] = cache.stats.mean_nfc()
         info["tau"] = getattr(cache.policy, "tau", None)
+    if tuned is not None:
+        info.update(tune_nfc=tuned.nfc, probes=[list(p) for p in tuned.probes])
     return pool, info
 
 
