@@ -24,6 +24,7 @@ MAX_ERROR_CHARS = 1000  # an error line never grows beyond this (values inside i
 # Every seed qcache takes (recipe seeds, --seed flags). The sampler seeds DDPM's per-batch noise generator with
 # seed * 1_000_003 + batch + 1, which must stay below 2**64 (torch.Generator.manual_seed's range).
 MAX_SEED = 2**43 - 1
+INT_LIMIT = 2**31 - 1  # counts and sizes given on a command line stay below this
 
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxlist, _repr.maxtuple, _repr.maxdict = 3, 8, 8, 8
@@ -168,6 +169,13 @@ def check_seed(value: Any, key: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise QcacheError(f"{key}: must be in [0, {MAX_SEED}], got {short(value)}")
     return value
+
+
+def check_device(device: str, key: str) -> str:
+    """``device`` if it is auto, cpu, cuda or cuda:N; else a one-line QcacheError naming ``key``."""
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise QcacheError(f"{key}: must be auto, cpu, cuda or cuda:N, got {short(device)}")
+    return device
 
 
 def _first_existing(path: Path) -> tuple[Path, list[str]]:

@@ -36,7 +36,7 @@ import torch
 
 from . import __version__
 from .artifact import write_artifact
-from .cli import run_cli, write_json
+from .cli import check_output_path, run_cli, write_json
 from .compressed import CompressedModel
 from .errors import QcacheError
 from .models import load_model, load_parts
@@ -65,14 +65,14 @@ def _log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
+def _exclusive(out: Path, key: str = "--out") -> Iterator[None]:
     """One compress per output directory at a time."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise QcacheError(f"--out: another qcache.compress is writing {out}") from None
+            raise QcacheError(f"{key}: another qcache.compress is writing {out}") from None
         yield
 
 
@@ -93,12 +93,11 @@ def compress(recipe: Recipe, out: str | Path | None = None, progress: bool = Tru
              log: Callable[[str], None] = _log) -> CompressResult:
     """Run the whole pipeline for ``recipe``; intermediate products under ``out/stages``, the artifact at
     ``out/artifact``. Returns the in-memory compressed model (bit-identical to what ``qcache.load`` gives back)."""
-    out = Path(out or recipe.output.dir)
-    if out.exists() and not out.is_dir():
-        raise QcacheError(f"--out: {out} exists and is not a directory")
+    key = "--out" if out else "output.dir"  # errors name where the path came from
+    out = check_output_path(out or recipe.output.dir, key, directory=True)
     loaded = load_model(recipe.model)  # a bad model source fails before anything is written
     parts = load_parts(loaded, recipe.condition)  # so do bad prompts / a missing VAE
-    with _exclusive(out):
+    with _exclusive(out, key):
         if fresh:
             shutil.rmtree(out / "stages", ignore_errors=True)
         for stale in out.glob(".artifact.*.partial"):  # left by a killed run
