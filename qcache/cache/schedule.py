@@ -49,7 +49,7 @@ class StaticSchedule:
     def from_dict(cls, d: dict, where: str = "schedule") -> "StaticSchedule":
         """Validate a schedule read from JSON: format, sampler, steps, full steps (integers, not booleans, in
         [0, steps), unique, sorted, step 0 included), nfc, policy and every parameter's type and range."""
-        from ..cli import short
+        from ..cli import short, short_str
         from ..recipe import RecipeError, _check_value
         from ..sampling import SCHEDULERS
 
@@ -85,7 +85,7 @@ class StaticSchedule:
         fields = {f.name: f for f in dataclasses.fields(CacheConfig)}
         for k, v in params.items():
             if k not in PARAM_KEYS or k == "policy":
-                raise bad(f"params.{short(k)}: unknown parameter (known: {', '.join(PARAM_KEYS[1:])})")
+                raise bad(f"params.{short_str(k, 80)}: unknown parameter (known: {', '.join(PARAM_KEYS[1:])})")
             try:
                 _check_value(k, hints[k], v, dict(fields[k].metadata))
             except RecipeError as e:
