@@ -413,8 +413,9 @@ def _check_expansion(root: yaml.Node, where: str, limit: int = MAX_YAML_NODES) -
 def parse_yaml(text: str, where: str) -> Any:
     """Parse YAML ``text`` safely (no Python objects; bounded alias expansion and nesting); ``where`` names the
     source in errors. Raises RecipeError in one line."""
-    loader = _RecipeLoader(text)
+    loader = None
     try:
+        loader = _RecipeLoader(text)  # the reader refuses non-printable characters already here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -428,7 +429,8 @@ def parse_yaml(text: str, where: str) -> Any:
     except RecursionError:
         raise RecipeError(f"recipe: {where}: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text_file(p: Path, key: str) -> str:
