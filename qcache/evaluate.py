@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.n is not None and not 2 <= args.n <= INT_LIMIT:
         from .errors import QcacheError
 
-        raise QcacheError(f"--n: must be in [2, {INT_LIMIT}] (FID needs two samples), got {args.n}")
+        bound = ">= 2 (FID needs two samples)" if args.n < 2 else f"<= {INT_LIMIT}"
+        raise QcacheError(f"--n: must be {bound}, got {args.n}")
     recipe = load_recipe(args.recipe)
     for flag, path in (("--json", args.json), ("--samples", args.samples)):
         if path:

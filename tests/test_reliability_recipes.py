@@ -220,7 +220,7 @@ CASES: list[tuple[str, str, Recipe | None, list[str], str]] = [
     ("evaluate-json-is-dir", "evaluate", over(), ["--json", "{tmp}"], r"--json: .* is a directory"),
     ("evaluate-samples-under-file", "evaluate", over(), ["--samples", "{tmp}/plain-file/s.safetensors"],
      r"--samples: "),
-    ("evaluate-n-1", "evaluate", over(), ["--n", "1"], r"--n: must be in \[2, "),
+    ("evaluate-n-1", "evaluate", over(), ["--n", "1"], r"--n: must be >= 2 \(FID needs two samples\), got 1"),
     ("collect-out-under-file", "collect", over(), ["--out", "{tmp}/plain-file/pool"],
      r"--out: .*plain-file is not a directory"),
     ("collect-pool-path-under-file", "collect", over(calibration=lambda c: {"pool_path": str(c.file() / "p")}), [],
