@@ -290,8 +290,9 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"artifact: {short_str(path)} is not valid JSON: nested too deeply") from None
 
 
-def check_scheduler_config(config: Any, scheduler: str, where: str) -> dict:
-    """``config`` if it is a JSON object that diffusers builds a ``scheduler`` (ddim, ...) from; else one line."""
+def check_sampler_config(config: Any, scheduler: str, where: str) -> dict:
+    """``config`` if it is a JSON object that diffusers builds the sampler ``scheduler`` (ddim, ...) from; else one line
+    naming ``where`` (``qcache.models.loading.check_scheduler_config`` checks a model's own config by its class)."""
     from .sampling import make_scheduler
 
     if not isinstance(config, dict):
@@ -368,7 +369,7 @@ def load_artifact(path: str | Path, device: str = "auto"):
         raise ArtifactError(f"artifact: {mpath}: components: made for {comps['sampler']} with {comps['steps']} "
                             f"steps, but {short_str(rpath)} samples {sampling.scheduler} with {sampling.steps}")
     spath = root / SCHEDULER_FILE
-    scheduler_config = check_scheduler_config(_read_json(spath), sampling.scheduler, f"artifact: {short_str(spath)}")
+    scheduler_config = check_sampler_config(_read_json(spath), sampling.scheduler, f"artifact: {short_str(spath)}")
     schedule = None
     if SCHEDULE_FILE in listed:
         cpath = root / SCHEDULE_FILE

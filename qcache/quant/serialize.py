@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..cli import json_bytes
 from ..errors import QcacheError
 from .quantize import DTYPES, FORMAT, apply_plan, set_output_quantization
 from .torchao_backend import FORMAT as AO_FORMAT  # torchao itself is imported only when used
@@ -70,7 +71,7 @@ def save_quantized(transformer: torch.nn.Module, directory: str | Path) -> Path:
         else:
             save_file(_storage_state_dict(transformer, info["keep_dtype"]), str(tmp / WEIGHTS_FILE),
                       metadata={"format": FORMAT})
-        (tmp / MAP_FILE).write_text(json.dumps(qmap, indent=2) + "\n")
+        (tmp / MAP_FILE).write_bytes(json_bytes(qmap))  # strict JSON: a non-finite range becomes null
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
