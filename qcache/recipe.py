@@ -225,7 +225,7 @@ class VcConfig:
 
     enabled: bool = True
     samples: int = _f(64, ge=2)  # images of the fitting batch
-    seed: int = _f(2, ge=0, le=MAX_SEED)  # its noise seed (keep it apart from sampling.seed and the other calibration seeds)
+    seed: int = _f(2, ge=0, le=MAX_SEED)  # its noise seed (apart from sampling.seed and the calibration seeds)
     clamp_min: float = _f(0.5, gt=0.0, le=1.0)  # factors are clamped to [clamp_min, clamp_max]
     clamp_max: float = _f(1.5, ge=1.0, le=10.0)  # (the ranges keep K = 1, the identity, always allowed)
 
