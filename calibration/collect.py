@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from qcache.cli import run_cli
+from qcache.cli import INT_LIMIT, check_output_path, check_seed, run_cli
 from qcache.models import load_model, load_parts
 from qcache.recipe import Recipe, load_recipe
 from qcache.sampling import Sampler
@@ -67,7 +67,8 @@ def collect_for_recipe(recipe: Recipe, images: int | None = None, seed: int | No
     return pool, cache
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv`` default: ``sys.argv[1:]``); the output path is checked before any work."""
     import datasets
 
     from .storage import save_dataset
@@ -81,17 +82,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None, help="noise seed (default: calibration.pool_seed)")
     ap.add_argument("--no-cache", action="store_true", help="naive pool: every step, no cache")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args()
-    if args.images is not None and args.images < 1:
+    args = ap.parse_args(argv)
+    if args.images is not None and not 1 <= args.images <= INT_LIMIT:
         from qcache.errors import QcacheError
 
-        raise QcacheError(f"--images: must be >= 1, got {args.images}")
+        raise QcacheError(f"--images: must be in [1, {INT_LIMIT}], got {args.images}")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
     recipe = load_recipe(args.recipe)
+    out_path = args.out or recipe.calibration.pool_path
+    check_output_path(out_path, "--out" if args.out else "calibration.pool_path", directory=True)
     t0 = time.perf_counter()
     pool, cache = collect_for_recipe(recipe, args.images, args.seed, False if args.no_cache else None,
                                      progress=not args.no_progress)
     took = time.perf_counter() - t0
-    out = save_dataset(pool, args.out or recipe.calibration.pool_path)
+    out = save_dataset(pool, out_path)
     from .select import column
 
     images = len(set(column(pool, "sample_id").tolist()))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qcache.cli import run_cli
+from qcache.cli import INT_LIMIT, check_output_path, check_seed, run_cli
 from qcache.errors import QcacheError
 from qcache.recipe import CalibrationConfig, load_recipe
 
@@ -82,7 +82,8 @@ def covered_bins(pool, selection) -> tuple[int, int]:
     return len(np.unique(sel)), len(np.unique(bins))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv`` default: ``sys.argv[1:]``); the output path is checked before any work."""
     import datasets
 
     from .storage import load_dataset, save_dataset
@@ -96,13 +97,19 @@ def main() -> None:
     ap.add_argument("--selector", default=None, choices=METHODS)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.size is not None and not 1 <= args.size <= INT_LIMIT:
+        raise QcacheError(f"--size: must be in [1, {INT_LIMIT}], got {args.size}")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
     cfg = load_recipe(args.recipe).calibration
+    out_path = args.out or cfg.selection_path
+    check_output_path(out_path, "--out" if args.out else "calibration.selection_path", directory=True)
     pool = load_dataset(args.pool or cfg.pool_path, "--pool" if args.pool else "calibration.pool_path")
     t0 = time.perf_counter()
     sel = select_from_config(pool, cfg, method=args.selector, size=args.size, seed=args.seed)
     took = time.perf_counter() - t0
-    out = save_dataset(sel, args.out or cfg.selection_path)
+    out = save_dataset(sel, out_path)
     cov, bins = covered_bins(pool, sel)
     print(f"selection: {args.selector or cfg.selector} picked {len(sel)} of {len(pool)} pool rows "
           f"({cov}/{bins} time bins) in {took:.2f}s -> {out}")

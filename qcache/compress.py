@@ -40,7 +40,7 @@ import torch
 
 from . import __version__
 from .artifact import write_artifact
-from .cli import run_cli, write_json
+from .cli import check_output_path, run_cli, short_str, write_json
 from .compressed import CompressedModel
 from .errors import QcacheError
 from .families.parts import ModelParts
@@ -67,12 +67,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _short(value: object, limit: int = 200) -> str:
-    """``value`` as text, its middle cut out beyond ``limit`` characters (error lines stay one readable line)."""
-    s = str(value)
-    return s if len(s) <= limit else f"{s[:limit - 60]}...{s[-50:]}"
-
-
 # ---- inputs: everything a run reads is checked before anything is written ----------------------------------------
 def check_inputs(recipe: Recipe, loaded: LoadedModel, parts) -> None:
     """Check what the stages read besides the recipe and the model weights: the model's scheduler config (built
@@ -85,7 +79,7 @@ def check_inputs(recipe: Recipe, loaded: LoadedModel, parts) -> None:
     except Exception as e:  # diffusers raises ValueError, NotImplementedError, TypeError, ... on a bad config
         first = str(e).splitlines()[0] if str(e) else ""
         raise QcacheError(f"model.source: diffusers refuses its scheduler config for sampling.scheduler "
-                          f"{recipe.sampling.scheduler!r}: {type(e).__name__}: {_short(first)}") from None
+                          f"{recipe.sampling.scheduler!r}: {type(e).__name__}: {short_str(first)}") from None
     sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
     if recipe.cache.schedule is not None and recipe.cache.policy != "none":
         StaticSchedule.load(recipe.cache.schedule).check(sampler)
@@ -96,11 +90,11 @@ def stage_inputs(recipe: Recipe, loaded: LoadedModel, parts) -> dict:
     try:
         weights = model_fingerprint(loaded.location or loaded.source)
     except OSError as e:
-        raise QcacheError(f"model.source: cannot read {_short(e.filename)}: {e.strerror}") from None
+        raise QcacheError(f"model.source: cannot read {short_str(e.filename)}: {e.strerror}") from None
     try:
         schedule_file = file_fingerprint(recipe.cache.schedule if recipe.cache.policy != "none" else None)
     except OSError as e:
-        raise QcacheError(f"cache.schedule: cannot read {_short(e.filename)}: {e.strerror}") from None
+        raise QcacheError(f"cache.schedule: cannot read {short_str(e.filename)}: {e.strerror}") from None
     return {"weights": weights, "scheduler": scheduler_fingerprint(loaded.scheduler_config),
             "condition": parts.conditioner.fingerprint(), "schedule_file": schedule_file}
 
@@ -115,7 +109,7 @@ def _claim(out: Path, key: str) -> Iterator[None]:
     missing: list[Path] = []
     try:
         if os.path.lexists(out) and not out.is_dir():
-            raise QcacheError(f"{key}: {_short(out)} exists and is not a directory")
+            raise QcacheError(f"{key}: {short_str(out)} exists and is not a directory")
         p = out
         while not os.path.lexists(p) and p != p.parent:
             missing.append(p)
@@ -129,12 +123,12 @@ def _claim(out: Path, key: str) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 d.rmdir()
         verb = "cannot create" if missing or not os.path.lexists(out) else "cannot write to"
-        raise QcacheError(f"{key}: {verb} {_short(out)}: {e.strerror or type(e).__name__}") from None
+        raise QcacheError(f"{key}: {verb} {short_str(out)}: {e.strerror or type(e).__name__}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise QcacheError(f"{key}: another qcache.compress is writing {_short(out)}") from None
+            raise QcacheError(f"{key}: another qcache.compress is writing {short_str(out)}") from None
         yield
 
 
@@ -145,8 +139,8 @@ def compress(recipe: Recipe, out: str | Path | None = None, progress: bool = Tru
 
     The model, its scheduler config, the conditions and every file the recipe names are checked before the output
     directory is created; an input error is a QcacheError and nothing is written."""
-    key = "--out" if out else "output.dir"
-    out = Path(out or recipe.output.dir)
+    key = "--out" if out else "output.dir"  # errors name where the path came from
+    out = check_output_path(out or recipe.output.dir, key, directory=True)
     loaded = load_model(recipe.model)
     parts = load_parts(loaded, recipe.condition)  # bad prompts / a missing VAE
     check_inputs(recipe, loaded, parts)

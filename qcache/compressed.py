@@ -75,9 +75,13 @@ class CompressedModel:
         from .vc import VarianceCompensation
 
         cfg = dataclasses.replace(self.sampling, **sampling_overrides)
-        if (self.schedule is not None and cfg.steps != self.schedule.steps) or cfg.scheduler != self.sampling.scheduler:
+        built_steps = self.schedule.steps if self.schedule is not None else cfg.steps
+        if cfg.steps != built_steps or cfg.scheduler != self.sampling.scheduler:
             raise QcacheError(f"sampling: the compressed model was built for {self.sampling.scheduler} with "
-                              f"{self.sampling.steps} steps, got {cfg.scheduler} with {cfg.steps}")
+                              f"{built_steps} steps (its cache schedule), got {cfg.scheduler} with {cfg.steps} steps")
+        if self.vc_factors is not None and vc and len(self.vc_factors) != cfg.steps:
+            raise QcacheError(f"sampling: the VC factors were fitted for {len(self.vc_factors)} steps, got "
+                              f"{cfg.steps} steps")
         s = Sampler(self.transformer, self.scheduler_config, cfg,
                     conditioner=conditioner if conditioner is not None else self.parts.conditioner)
         cache = self._attach_cache(s, mode)

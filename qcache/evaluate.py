@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .classifier import classify
-from .cli import run_cli, write_json
+from .cli import INT_LIMIT, check_output_path, run_cli, write_json
 from .digits import load_split
 from .flops import count_flops
 from .metrics import fid_from_features
@@ -134,19 +134,24 @@ def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True)
     return report, samples
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv`` default: ``sys.argv[1:]``); output paths are checked before any work."""
     ap = argparse.ArgumentParser(prog="python -m qcache.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("recipe", help="path to a YAML recipe")
     ap.add_argument("--n", type=int, default=None, help="number of samples (default: the recipe's eval.n)")
     ap.add_argument("--json", default=None, help="write the metrics to this JSON file")
     ap.add_argument("--samples", default=None, help="also save the samples to this .safetensors file")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = ap.parse_args()
-    if args.n is not None and args.n < 2:
+    args = ap.parse_args(argv)
+    if args.n is not None and not 2 <= args.n <= INT_LIMIT:
         from .errors import QcacheError
 
-        raise QcacheError(f"--n: must be >= 2 (FID needs two samples), got {args.n}")
+        bound = ">= 2 (FID needs two samples)" if args.n < 2 else f"<= {INT_LIMIT}"
+        raise QcacheError(f"--n: must be {bound}, got {args.n}")
     recipe = load_recipe(args.recipe)
+    for flag, path in (("--json", args.json), ("--samples", args.samples)):
+        if path:
+            check_output_path(path, flag)
     report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress)
     keys = ("class_accuracy", "fid_data", "latency_s", "flops_per_image")
     print("  ".join(f"{k}={report[k]:.4g}" if report[k] is not None else f"{k}=null" for k in keys))

@@ -16,11 +16,12 @@ import math
 
 import torch
 
-from .cli import atomic_write_bytes, run_cli
+from .cli import INT_LIMIT, atomic_write_bytes, check_device, check_output_path, check_seed, run_cli, short
 from .errors import QcacheError
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv`` default: ``sys.argv[1:]``); every input is checked before the model loads."""
     ap = argparse.ArgumentParser(prog="python -m qcache.generate", description=__doc__.splitlines()[0])
     ap.add_argument("path", help="artifact directory (or a qcache.compress output directory)")
     ap.add_argument("--class", dest="cls", type=int, default=None,
@@ -35,13 +36,19 @@ def main() -> None:
     ap.add_argument("--live", action="store_true", help="run RCS live instead of replaying the static schedule")
     ap.add_argument("--samples", default=None, help="also save the raw images and labels as .safetensors")
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    if args.n < 1:
-        raise QcacheError(f"--n: must be >= 1, got {args.n}")
-    if args.seed < 0:
-        raise QcacheError(f"--seed: must be >= 0, got {args.seed}")
+    args = ap.parse_args(argv)
+    if not 1 <= args.n <= INT_LIMIT:
+        raise QcacheError(f"--n: must be in [1, {INT_LIMIT}], got {args.n}")
+    check_seed(args.seed, "--seed")
+    for flag, value in (("--nrow", args.nrow), ("--scale", args.scale)):
+        if value is not None and not 1 <= value <= 256:
+            raise QcacheError(f"{flag}: must be in [1, 256], got {value}")
     if not args.out.lower().endswith(".png"):
-        raise QcacheError(f"--out: must be a .png file, got {args.out!r}")
+        raise QcacheError(f"--out: must be a .png file, got {short(args.out)}")
+    check_device(args.device, "--device")
+    check_output_path(args.out, "--out")
+    if args.samples:
+        check_output_path(args.samples, "--samples")
 
     from . import load
     from .images import make_grid, png_bytes

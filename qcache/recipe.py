@@ -8,6 +8,7 @@ later stage of qcache will fill are rejected as "not supported yet" instead of b
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .cli import MAX_SEED, short, short_str
 from .errors import QcacheError
+
+INT_CEILING = 2**31 - 1  # integers without their own upper bound stay below this (counts, sizes)
+MAX_YAML_NODES = 100_000  # a recipe whose aliases expand beyond this many values is refused (alias bombs)
 
 
 class RecipeError(QcacheError):
@@ -48,7 +53,7 @@ class SamplingConfig:
     scheduler: Literal["ddim", "ddpm", "dpmsolver++", "flow-euler"] = "ddim"  # flow-euler: flow-matching models
     steps: int = _f(50, ge=1, le=1000)
     guidance_scale: float = _f(1.5, ge=1.0, le=50.0)  # 1.0 disables CFG
-    seed: int = _f(0, ge=0)
+    seed: int = _f(0, ge=0, le=MAX_SEED)
     batch_size: int = _f(500, ge=1)
 
 
@@ -79,7 +84,7 @@ class ConditionConfig:
 class EvalConfig:
     """How the evaluator measures: number of samples, latency repeats, FLOP counting."""
 
-    n: int = _f(500, ge=1)
+    n: int = _f(500, ge=2)  # FID needs two samples
     latency_repeats: int = _f(3, ge=1, le=100)
     latency_samples: int = _f(500, ge=1)  # images per timed sampling run
 
@@ -98,7 +103,7 @@ class CacheConfig:
     interval: int = _f(4, ge=1, le=1000)  # full step every `interval` steps (fixed schedules)
     order: int = _f(2, ge=0, le=4)  # forecast order m (taylorseer, rfc)
     warmup: int = _f(2, ge=1, le=1000)  # first steps always computed fully
-    tau: float | None = _f(None, ge=0.0)  # RCS threshold; null: tuned to target_nfc
+    tau: float | None = _f(None, ge=0.0)  # RCS threshold (finite; 0: every step full); null: tuned to target_nfc
     target_nfc: int | None = _f(None, ge=1)  # full steps per generation to aim for
     rfe: bool = True  # rfc: relational feature estimation (magnitude from the module input)
     rcs: bool = True  # rfc: relational cache scheduling (full step when the input forecast error adds up)
@@ -109,7 +114,7 @@ class CacheConfig:
     fast_path: bool = True  # cached steps of DiT/PixArt blocks skip the block's own forward (qcache/cache/fast_path.py)
     compile: bool = False  # lean path: fuse a cached step's arithmetic with torch.compile (qcache/cache/fused.py)
     tune_samples: int = _f(64, ge=1)  # calibration batch size for tuning tau
-    tune_seed: int = _f(1, ge=0)  # its noise seed (keep it apart from the evaluation seed)
+    tune_seed: int = _f(1, ge=0, le=MAX_SEED)  # its noise seed (keep it apart from the evaluation seed)
 
     def validate(self, path: str) -> None:
         needs_tau = self.policy == "rfc" and self.rcs and self.schedule is None
@@ -117,6 +122,9 @@ class CacheConfig:
             raise RecipeError(f"{path}.target_nfc: rfc with rcs needs tau or target_nfc, got neither")
         if self.target_nfc is not None and self.target_nfc < self.warmup:
             raise RecipeError(f"{path}.target_nfc: must be >= warmup ({self.warmup}), got {self.target_nfc}")
+        if self.tau is not None and self.target_nfc is not None:
+            raise RecipeError(f"{path}.tau: give tau or target_nfc, not both (tau is tuned to target_nfc), got "
+                              f"tau {self.tau!r} and target_nfc {self.target_nfc!r}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ class QuantConfig:
             for key, value, default in (("compute_dtype", self.compute_dtype, "model"),
                                         ("compile", self.compile, False), ("float8", self.float8, False)):
                 if value != default:
-                    raise RecipeError(f"{path}.{key}: needs backend torchao, got {value!r} with backend 'quanto'")
+                    raise RecipeError(f"{path}.{key}: needs backend torchao, got {short(value)} with backend 'quanto'")
             return
         if self.preset in ("W4A8", "W4"):
             raise RecipeError(f"{path}.preset: backend torchao supports W8A8, W8 and none, got {self.preset!r}")
@@ -195,7 +203,7 @@ class CalibrationConfig:
     """Calibration data: a pool of model inputs sampled along (cached) trajectories, and a selector over it."""
 
     pool_images: int = _f(512, ge=1)  # images generated for the pool; rows = images x full steps
-    pool_seed: int = _f(1234, ge=0)  # noise seed of the pool (keep it apart from sampling.seed)
+    pool_seed: int = _f(1234, ge=0, le=MAX_SEED)  # noise seed of the pool (keep it apart from sampling.seed)
     cache_aware: bool = True  # sample the pool with the recipe's cache active (if it has one)
     selector: Literal["random", "kmeans", "tap"] = "tap"
     size: int = _f(256, ge=1)  # calibration samples selected from the pool
@@ -206,7 +214,7 @@ class CalibrationConfig:
     embed_dim: int = _f(16, ge=1, le=512)  # TAP: singular vectors kept per subset
     clusters: int = _f(100, ge=1)  # kmeans / TAP clusters (capped at size)
     feature_pool: int = _f(1, ge=1)  # average-pool x_t by this factor before using it as a feature
-    seed: int = _f(0, ge=0)  # selector seed
+    seed: int = _f(0, ge=0, le=MAX_SEED)  # selector seed
     pool_path: str = "runs/digits/calibration/pool"
     selection_path: str = "runs/digits/calibration/selection"
 
@@ -217,7 +225,7 @@ class VcConfig:
 
     enabled: bool = True
     samples: int = _f(64, ge=2)  # images of the fitting batch
-    seed: int = _f(2, ge=0)  # its noise seed (keep it apart from sampling.seed and the other calibration seeds)
+    seed: int = _f(2, ge=0, le=MAX_SEED)  # its noise seed (apart from sampling.seed and the calibration seeds)
     clamp_min: float = _f(0.5, gt=0.0, le=1.0)  # factors are clamped to [clamp_min, clamp_max]
     clamp_max: float = _f(1.5, ge=1.0, le=10.0)  # (the ranges keep K = 1, the identity, always allowed)
 
@@ -258,36 +266,42 @@ def _check_value(path: str, tp: Any, value: Any, meta: dict) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise RecipeError(f"{path}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise RecipeError(f"{path}: must be one of {', '.join(map(repr, choices))}, got {short(value)}")
         return value
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
-            raise RecipeError(f"{path}: must be a list, got {value!r}")
+            raise RecipeError(f"{path}: must be a list, got {short(value)}")
         return tuple(_check_value(f"{path}[{i}]", item_tp, v, meta) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return build_section(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"{path}: must be true or false, got {value!r}")
+            raise RecipeError(f"{path}: must be true or false, got {short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{path}: must be an integer, got {value!r}")
+            raise RecipeError(f"{path}: must be an integer, got {short(value)}")
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{path}: must be a number, got {value!r}")
+            raise RecipeError(f"{path}: must be a number, got {short(value)}")
         value = float(value)
+        if not math.isfinite(value):
+            raise RecipeError(f"{path}: must be a finite number, got {short(value)}")
     elif tp is str:
         if not isinstance(value, str) or not value:
-            raise RecipeError(f"{path}: must be a non-empty string, got {value!r}")
+            raise RecipeError(f"{path}: must be a non-empty string, got {short(value)}")
+        if "\x00" in value:
+            raise RecipeError(f"{path}: must not contain a NUL character, got {short(value)}")
     elif tp is Any:
         return value
+    if isinstance(value, int) and "le" not in meta and "lt" not in meta and value > INT_CEILING:
+        raise RecipeError(f"{path}: must be <= {INT_CEILING}, got {short(value)}")
     if isinstance(value, (int, float)):
         for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
             if key in meta and not ok(value, meta[key]):
-                raise RecipeError(f"{path}: must be {word} {meta[key]}, got {value!r}")
+                raise RecipeError(f"{path}: must be {word} {meta[key]}, got {short(value)}")
     return value
 
 
@@ -296,12 +310,14 @@ def build_section(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: must be a mapping, got {data!r}")
+        raise RecipeError(f"{path}: must be a mapping, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
+        if not isinstance(key, str):
+            raise RecipeError(f"{path}: keys must be strings, got {short(key)}")
         if key not in fields:
-            raise RecipeError(f"{path}.{key}: unknown key (known: {', '.join(fields)})")
+            raise RecipeError(f"{path}.{short_str(key, 80)}: unknown key (known: {', '.join(fields)})")
     values = {}
     for name, f in fields.items():
         if name in data:
@@ -318,14 +334,17 @@ def build_section(cls: type, data: Any, path: str) -> Any:
 def recipe_from_dict(data: Any) -> Recipe:
     """Validate an already-parsed recipe mapping."""
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe: must be a mapping of sections, got {data!r}")
+        raise RecipeError(f"recipe: must be a mapping of sections, got {short(data)}")
     for key in data:
+        if not isinstance(key, str):
+            raise RecipeError(f"recipe: section names must be strings, got {short(key)}")
         if key in UNSUPPORTED_SECTIONS:
             raise RecipeError(f"{key}: {UNSUPPORTED_SECTIONS[key]} is not supported yet in this version of qcache")
     fields = {f.name for f in dataclasses.fields(Recipe)}
     for key in data:
         if key not in fields:
-            raise RecipeError(f"{key}: unknown section (known: {', '.join(sorted(fields | set(UNSUPPORTED_SECTIONS)))})")
+            raise RecipeError(f"{short_str(key, 80)}: unknown section (known: "
+                              f"{', '.join(sorted(fields | set(UNSUPPORTED_SECTIONS)))})")
     if "model" not in data:
         raise RecipeError("model: required section is missing")
     values = {}
@@ -340,25 +359,102 @@ def recipe_from_dict(data: Any) -> Recipe:
 def _check_cross_fields(recipe: Recipe) -> None:
     dev = recipe.model.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise RecipeError(f"model.device: must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        raise RecipeError(f"model.device: must be auto, cpu, cuda or cuda:N, got {short(dev)}")
     nfc = recipe.cache.target_nfc
     if nfc is not None and nfc > recipe.sampling.steps:
         raise RecipeError(f"cache.target_nfc: must be <= sampling.steps ({recipe.sampling.steps}), got {nfc}")
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader; ``parse_yaml`` checks the composed node graph before building Python objects."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for kv in node.value for x in kv]
+    return []
+
+
+def _check_expansion(root: yaml.Node, where: str, limit: int = MAX_YAML_NODES) -> None:
+    """Refuse a node graph whose aliases expand to more than ``limit`` values, or that refers to itself.
+
+    Aliases share nodes, so a few hundred bytes of YAML can stand for billions of values: harmless until something
+    walks the value (an error message, the resolved recipe). Sizes are counted with shared nodes counted once per
+    reference, iteratively (no recursion on deep input).
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_nodes.discard(key)
+            total = 1 + sum(sizes[id(c)] for c in _children(node))
+            if total > limit:
+                raise RecipeError(f"recipe: {where}: aliases expand to more than {limit} values (refused)")
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise RecipeError(f"recipe: {where}: an alias refers to a value that contains it (recursive YAML)")
+        open_nodes.add(key)
+        stack.append((node, True))
+        for c in _children(node):
+            if id(c) in open_nodes:
+                raise RecipeError(f"recipe: {where}: an alias refers to a value that contains it (recursive YAML)")
+            if id(c) not in sizes:
+                stack.append((c, False))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML ``text`` safely (no Python objects; bounded alias expansion and nesting); ``where`` names the
+    source in errors. Raises RecipeError in one line."""
+    loader = None
+    try:
+        loader = _RecipeLoader(text)  # the reader refuses non-printable characters already here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"recipe: invalid YAML in {where}{at}: {short_str(problem)}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe: {where}: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_text_file(p: Path, key: str) -> str:
+    """The UTF-8 text of file ``p``; a missing file, a directory, an unreadable or undecodable file is a one-line
+    RecipeError naming ``key``."""
+    if p.is_dir():
+        raise RecipeError(f"{key}: {short_str(p)} is a directory, expected a YAML file")
+    if not p.exists():
+        raise RecipeError(f"{key}: file not found: {short_str(p)}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{key}: cannot read {short_str(p)}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{key}: {short_str(p)} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start})") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"recipe: file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"recipe: invalid YAML in {p}{where}: {problem}") from None
-    return recipe_from_dict(data)
+    return recipe_from_dict(parse_yaml(read_text_file(p, "recipe"), short_str(p)))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -55,7 +55,7 @@ def test_int_accepted_for_float_field():
         ({"model": {"source": ""}}, "model.source: must be a non-empty string, got ''"),
         ({"model": {"dtype": "int8"}}, "model.dtype: must be one of"),
         ({"model": {"device": "tpu"}}, "model.device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-        ({"model": {}, "eval": {"n": -1}}, "eval.n: must be >= 1, got -1"),
+        ({"model": {}, "eval": {"n": -1}}, "eval.n: must be >= 2, got -1"),
         ({"model": {}, "banana": {}}, "banana: unknown section"),
         ({"model": {}, "cache": {"policy": "lru"}}, "cache.policy: must be one of 'none', 'fora', 'taylorseer', 'rfc', got 'lru'"),
         ({"model": {}, "cache": {"interval": 0}}, "cache.interval: must be >= 1, got 0"),

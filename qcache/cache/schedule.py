@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,26 +47,50 @@ class StaticSchedule:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "schedule") -> "StaticSchedule":
+        """Validate a schedule read from JSON: format, sampler, steps, full steps (integers, not booleans, in
+        [0, steps), unique, sorted, step 0 included), nfc, policy and every parameter's type and range."""
+        from ..cli import short, short_str
+        from ..recipe import RecipeError, _check_value
+        from ..sampling import SCHEDULERS
+
         def bad(msg: str) -> QcacheError:
             return QcacheError(f"{where}: {msg}")
 
         if not isinstance(d, dict) or d.get("format") != SCHEDULE_FORMAT:
             raise bad(f"not a qcache cache schedule (format must be {SCHEDULE_FORMAT!r})")
         if d.get("version") != SCHEDULE_VERSION:
-            raise bad(f"unsupported schedule version {d.get('version')!r} (this qcache reads {SCHEDULE_VERSION})")
-        steps, full = d.get("steps"), d.get("full_steps")
-        if not isinstance(steps, int) or steps < 1:
-            raise bad(f"steps must be a positive integer, got {steps!r}")
-        if not isinstance(full, list) or not all(isinstance(i, int) and 0 <= i < steps for i in full):
-            raise bad(f"full_steps must be a list of step indices in [0, {steps}), got {full!r}")
+            raise bad(f"unsupported schedule version {short(d.get('version'))} (this qcache reads {SCHEDULE_VERSION})")
+        sampler, steps, full = d.get("sampler"), d.get("steps"), d.get("full_steps")
+        if sampler not in SCHEDULERS:
+            raise bad(f"sampler: must be one of {', '.join(map(repr, SCHEDULERS))}, got {short(sampler)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise bad(f"steps: must be an integer in [1, 1000], got {short(steps)}")
+        if not isinstance(full, list) or not all(type(i) is int and 0 <= i < steps for i in full):
+            raise bad(f"full_steps: must be a list of integer step indices in [0, {steps}), got {short(full)}")
+        if any(b <= a for a, b in zip(full, full[1:])):
+            raise bad(f"full_steps: must be sorted and unique, got {short(full)}")
         if 0 not in full:
-            raise bad("full_steps must contain step 0 (nothing is cached before the first full step)")
-        if "nfc" in d and d["nfc"] != len(set(full)):
-            raise bad(f"nfc {d['nfc']!r} does not match the {len(set(full))} full steps listed")
+            raise bad("full_steps: must contain step 0 (nothing is cached before the first full step)")
+        if "nfc" in d and (type(d["nfc"]) is not int or d["nfc"] != len(full)):
+            raise bad(f"nfc: {short(d['nfc'])} does not match the {len(full)} full steps listed")
         policy = d.get("policy")
         if policy not in ("none", "fora", "taylorseer", "rfc"):
-            raise bad(f"policy must be none, fora, taylorseer or rfc, got {policy!r}")
-        return cls(str(d.get("sampler")), steps, tuple(sorted(set(full))), policy, dict(d.get("params") or {}))
+            raise bad(f"policy: must be none, fora, taylorseer or rfc, got {short(policy)}")
+        params = d.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise bad(f"params: must be a mapping, got {short(params)}")
+        hints = typing.get_type_hints(CacheConfig)
+        fields = {f.name: f for f in dataclasses.fields(CacheConfig)}
+        for k, v in params.items():
+            if k not in PARAM_KEYS or k == "policy":
+                raise bad(f"params.{short_str(k, 80)}: unknown parameter (known: {', '.join(PARAM_KEYS[1:])})")
+            try:
+                _check_value(k, hints[k], v, dict(fields[k].metadata))
+            except RecipeError as e:
+                raise bad(f"params.{e}") from None
+        return cls(sampler, steps, tuple(full), policy, dict(params))
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -77,8 +102,8 @@ class StaticSchedule:
             data = json.loads(p.read_text())
         except FileNotFoundError:
             raise QcacheError(f"cache.schedule: file not found: {p}") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise QcacheError(f"cache.schedule: cannot read {p}: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON and UTF-8 decoding errors
+            raise QcacheError(f"cache.schedule: cannot read {p}: {str(e)[:200]}") from None
         return cls.from_dict(data, where=f"cache.schedule ({p})")
 
     def config(self, base: CacheConfig | None = None) -> CacheConfig:

@@ -61,20 +61,45 @@ def _local_dir(source: str) -> Path | None:
                               f"{', '.join(BUILTIN_PREFIX + n for n in builtin_names()) or 'none'})")
         return path
     path = Path(source).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except (OSError, ValueError) as e:  # a name too long for the file system, ...
+        raise QcacheError(f"model.source: cannot use {source[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
+    if is_dir:
         return path
-    if path.exists():
+    if exists:
         raise QcacheError(f"model.source: {source!r} is a file, expected a diffusers model directory")
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise QcacheError(f"model.source: directory not found: {source}")
+        raise QcacheError(f"model.source: directory not found: {source[:200]}")
     return None  # a hub id
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else (unreadable, not UTF-8, not JSON, not an object) is one line."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise QcacheError(f"model.source: cannot read {path}: {e}") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON and UTF-8 decoding errors
+        raise QcacheError(f"model.source: cannot read {path}: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise QcacheError(f"model.source: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_scheduler_config(config: dict, where: str) -> dict:
+    """``config`` if diffusers builds the scheduler it names (``_class_name``, default DDPM) from it: a model's
+    training schedule that diffusers refuses (``beta_schedule: bogus``) is a one-line error naming ``where``."""
+    import diffusers
+
+    name = config.get("_class_name") or "DDPMScheduler"
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
+    if cls is None:
+        raise QcacheError(f"{where}: _class_name: not a diffusers scheduler, got {str(name)[:200]!r}")
+    try:
+        cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except Exception as e:  # ValueError, NotImplementedError, TypeError, ... from the scheduler's __init__
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise QcacheError(f"{where}: not accepted by diffusers {name}: {msg}") from None
+    return config
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -90,7 +115,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         if not (tdir / "config.json").is_file():
             raise QcacheError(f"model.source: no config.json in {tdir} (not a diffusers model directory)")
         class_name = _read_json(tdir / "config.json").get("_class_name")
-        family_for_class(str(class_name))  # unsupported class: one line naming model.source
+        family_for_class(str(class_name)[:200])  # unsupported class: one line naming model.source
         cls = getattr(diffusers, class_name)
         try:
             transformer = cls.from_pretrained(str(tdir), torch_dtype=dtype)
@@ -98,6 +123,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             raise QcacheError(f"model.source: cannot load weights from {tdir}: {str(e).splitlines()[0]}") from None
         sched_file = local / "scheduler" / "scheduler_config.json"
         sched = _read_json(sched_file) if sched_file.is_file() else dict(DEFAULT_SCHEDULER_CONFIG)
+        check_scheduler_config(sched, f"model.source: {sched_file}")
         location = str(local)
     else:
         transformer = _from_hub(cfg.source, dtype)
@@ -107,6 +133,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             sched = dict(DDIMScheduler.load_config(cfg.source, subfolder="scheduler"))
         except Exception:
             sched = dict(DEFAULT_SCHEDULER_CONFIG)
+        check_scheduler_config(sched, f"model.source: {cfg.source} scheduler config")
         location = cfg.source
     transformer = transformer.to(device).eval().requires_grad_(False)
     return LoadedModel(transformer, sched, cfg.source, device, dtype, location)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..cli import json_bytes
 from ..errors import QcacheError
 from .kernels import use_exact_cpu_int_mm
 from .plan import DTYPES
@@ -72,7 +73,7 @@ def save_quantized(transformer: torch.nn.Module, directory: str | Path) -> Path:
         else:
             save_file(_storage_state_dict(transformer, info["keep_dtype"]), str(tmp / WEIGHTS_FILE),
                       metadata={"format": FORMAT})
-        (tmp / MAP_FILE).write_text(json.dumps(qmap, indent=2) + "\n")
+        (tmp / MAP_FILE).write_bytes(json_bytes(qmap))  # strict JSON: a non-finite range becomes null
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
@@ -87,16 +88,75 @@ def save_quantized(transformer: torch.nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+MODEL_DTYPES = ("float32", "float16", "bfloat16")  # the dtypes a saved model (or its torchao compute) may name
+WEIGHT_TYPES = {FORMAT: ("int8", "int4", "none"), AO_FORMAT: ("int8",)}
+ACTIVATION_TYPES = ("int8", "none")
+
+
+def _allowed_classes() -> tuple[str, ...]:
+    from ..families.registry import supported_classes
+
+    return tuple(supported_classes())
+
+
+def validate_quant_map(qmap: object, path: Path) -> dict:
+    """Check a quant map's values against allow-lists before anything is built from it: format, model class (a
+    supported diffusers transformer), dtypes, module specs (names, weight/activation types, output decisions).
+    Raises a one-line QcacheError naming the file and field."""
+    from ..cli import short
+
+    def bad(field: str, msg: str, value: object) -> QcacheError:
+        return QcacheError(f"load_quantized: {path}: {field}: {msg}, got {short(value)}")
+
+    if not isinstance(qmap, dict):
+        raise QcacheError(f"load_quantized: {path}: must be a JSON object, got {type(qmap).__name__}")
+    fmt = qmap.get("format")
+    if fmt not in (FORMAT, AO_FORMAT):
+        raise QcacheError(f"load_quantized: {path} has format {short(fmt)}, expected {FORMAT!r} or {AO_FORMAT!r}")
+    classes = _allowed_classes()
+    if qmap.get("model_class") not in classes:
+        raise bad("model_class", f"must be one of {', '.join(classes)}", qmap.get("model_class"))
+    if not isinstance(qmap.get("model_config"), dict):
+        raise bad("model_config", "must be a JSON object", qmap.get("model_config"))
+    if qmap.get("dtype", "float32") not in MODEL_DTYPES:
+        raise bad("dtype", f"must be one of {', '.join(MODEL_DTYPES)}", qmap.get("dtype"))
+    if qmap.get("keep_dtype") not in DTYPES:
+        raise bad("keep_dtype", f"must be one of {', '.join(DTYPES)}", qmap.get("keep_dtype"))
+    if fmt == AO_FORMAT:
+        if qmap.get("compute_dtype") not in MODEL_DTYPES:
+            raise bad("compute_dtype", f"must be one of {', '.join(MODEL_DTYPES)}", qmap.get("compute_dtype"))
+        for key in ("compile", "float8"):
+            if not isinstance(qmap.get(key, False), bool):
+                raise bad(key, "must be true or false", qmap.get(key))
+    modules = qmap.get("modules")
+    if not isinstance(modules, dict):
+        raise bad("modules", "must be a JSON object", modules)
+    for name, spec in modules.items():
+        where = f"modules.{short(name, 80)}"
+        if not isinstance(name, str) or not name or not all(part.isidentifier() or part.isdigit()
+                                                           for part in name.split(".")):
+            raise bad("modules", "module names must be dotted attribute paths", name)
+        if not isinstance(spec, dict):
+            raise bad(where, "must be a JSON object", spec)
+        if spec.get("weights") not in WEIGHT_TYPES[fmt]:
+            raise bad(f"{where}.weights", f"must be one of {', '.join(WEIGHT_TYPES[fmt])}", spec.get("weights"))
+        if spec.get("activations") not in ACTIVATION_TYPES:
+            raise bad(f"{where}.activations", f"must be one of {', '.join(ACTIVATION_TYPES)}", spec.get("activations"))
+        if not isinstance(spec.get("quantize_output", False), bool):
+            raise bad(f"{where}.quantize_output", "must be true or false", spec.get("quantize_output"))
+        if fmt == FORMAT and spec["activations"] != "none" and "quantize_output" not in spec:
+            raise bad(f"{where}.quantize_output", "missing for an activation-quantized module", None)
+    return qmap
+
+
 def read_quant_map(directory: str | Path) -> dict:
+    """Read and validate ``quant_map.json`` of a saved model directory."""
     path = Path(directory) / MAP_FILE
     try:
-        qmap = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise QcacheError(f"load_quantized: cannot read {path}: {e}") from None
-    if qmap.get("format") not in (FORMAT, AO_FORMAT):
-        raise QcacheError(f"load_quantized: {path} has format {qmap.get('format')!r}, expected {FORMAT!r} or "
-                          f"{AO_FORMAT!r}")
-    return qmap
+        qmap = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON and UTF-8 decoding errors
+        raise QcacheError(f"load_quantized: cannot read {path}: {str(e)[:200]}") from None
+    return validate_quant_map(qmap, path)
 
 
 def _empty_base(qmap: dict) -> torch.nn.Module:
@@ -106,8 +166,13 @@ def _empty_base(qmap: dict) -> torch.nn.Module:
     cls = getattr(diffusers, qmap["model_class"], None)
     if cls is None:
         raise QcacheError(f"load_quantized: unknown model class {qmap['model_class']!r}")
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (pos_embed) real
-        return cls.from_config(qmap["model_config"])
+    try:
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (pos_embed) real
+            return cls.from_config(qmap["model_config"])
+    except Exception as e:  # a config diffusers cannot build the model from
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise QcacheError(f"load_quantized: model_config: {qmap['model_class']} cannot be built from it: "
+                          f"{msg}") from None
 
 
 def _materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -149,7 +214,11 @@ def load_quantized(directory: str | Path, base: Callable[[], torch.nn.Module] | 
     _materialize(model, torch.device("cpu"))
     set_output_quantization(model, {n: s["quantize_output"] for n, s in qmap["modules"].items()
                                     if s["activations"] != "none"})
-    sd = load_file(str(directory / WEIGHTS_FILE))
+    try:
+        sd = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error types
+        raise QcacheError(f"load_quantized: cannot read {directory / WEIGHTS_FILE}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
