@@ -1,0 +1,117 @@
+"""tools/bench_cache.py, bench_quant.py and ablation.py on any recipe: a tiny random DiT with a VAE (latent, 1000
+classes) and a tiny PixArt-α (T5 prompts, VAE), built in the real diffusers classes (tests/tiny_pipelines.py).
+
+Off the digits judge FID-to-FP is null: the tools report PSNR/SSIM and their summaries compare PSNR. A configuration
+that fails records its error in its row and the run goes on. Each tool runs in process (``main()`` with its command
+line) to keep the tests quick.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tools  # noqa: F401 - makes the tools' shared module importable as ``common``
+from qcache.errors import QcacheError
+from qcache.families.text import save_prompts
+from tests.tiny_pipelines import dit_pipeline, pixart_pipeline, prompts
+
+CLASSES = [207, 360, 387, 974]
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory) -> dict[str, Path]:
+    """Tiny recipes of the DiT-with-VAE and PixArt pipelines: 6 steps, small pools, one latency image."""
+    root = tmp_path_factory.mktemp("tool-pipelines")
+    ds = save_prompts(prompts(4), root / "prompts")
+    out = {}
+    for fam, build in (("dit", dit_pipeline), ("pixart", pixart_pipeline)):
+        cond = {"classes": CLASSES} if fam == "dit" else {"prompts": str(ds), "max_sequence_length": 16}
+        data = {
+            "model": {"source": str(build(root / fam)), "device": "cpu"},
+            "sampling": {"scheduler": "ddim", "steps": 6, "guidance_scale": 4.0, "seed": 0, "batch_size": 8},
+            "condition": cond,
+            "eval": {"n": 4, "latency_repeats": 1, "latency_samples": 1},
+            "output": {"dir": str(root / f"run-{fam}")},
+            "cache": {"policy": "rfc", "target_nfc": 4, "warmup": 2, "tune_samples": 2},
+            "calibration": {"pool_images": 2, "size": 8, "clusters": 2},
+            "quant": {"preset": "W8A8"},
+            "vc": {"samples": 2},
+        }
+        path = root / f"{fam}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        out[fam] = path
+    return out
+
+
+def run_tool(monkeypatch, module, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", [f"tools/{module.__name__.rsplit('.', 1)[-1]}.py", *argv])
+    module.main()
+
+
+# ---- bench_cache ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fam", ["dit", "pixart"])
+def test_bench_cache_on_a_latent_family_reports_psnr_and_records_a_failing_row(fam, recipes, tmp_path, monkeypatch,
+                                                                             capsys):
+    import tools.bench_cache as bc
+
+    real = bc.tune_tau
+
+    def tune(sampler, cfg, target, *a, **k):  # the RFC row at NFC 3 cannot be tuned: its error stays in its row
+        if target == 3 and cfg.rfe:
+            raise QcacheError(f"cache.target_nfc: no tau gives NFC {target} +/- 0.5 on the calibration batch")
+        return real(sampler, cfg, target, *a, **k)
+
+    monkeypatch.setattr(bc, "tune_tau", tune)
+    out = tmp_path / "bc.json"
+    run_tool(monkeypatch, bc, "--recipe", str(recipes[fam]), "--n", "3", "--targets", "4,3", "--methods",
+             "FORA,TaylorSeer,RFC", "--latency-samples", "1", "--repeats", "1", "--tune-samples", "2",
+             "--json", str(out))
+    rep = json.loads(out.read_text())
+    assert rep["complete"] and rep["family"] == fam and rep["quality"] == "psnr"
+    rows = {(r["method"], r["target_nfc"]): r for r in rep["rows"]}
+    assert list(rows) == [("FP", 6), ("FORA", 4), ("TaylorSeer", 4), ("RFC", 4), ("FORA", 3), ("TaylorSeer", 3),
+                          ("RFC", 3)]
+    failed = rows["RFC", 3]
+    assert failed["error"].startswith("QcacheError: cache.target_nfc: no tau gives NFC 3")
+    assert "latency_ratio" not in failed and "psnr" not in failed
+    for key, r in rows.items():
+        if key == ("RFC", 3):
+            continue
+        assert r["fid_to_fp"] is None and r["class_accuracy"] is None and "error" not in r
+        assert r["latency_s"] > 0 and r["latency_ratio"] > 0
+        if key[0] == "FP":
+            assert r["psnr"] == 100.0 and r["ssim"] == 1.0
+        else:
+            assert 5.0 < r["psnr"] < 100.0 and 0.0 < r["ssim"] < 1.0 and r["nfc"] <= 4.5
+    acc = rep["acceptance"]
+    assert list(acc) == ["4"]  # NFC 3 has no RFC row to judge
+    assert acc["4"]["quality"] == "psnr" and acc["4"]["rfc_psnr"] == rows["RFC", 4]["psnr"]
+    assert acc["4"]["rfc_ge_taylorseer"] == (rows["RFC", 4]["psnr"] >= rows["TaylorSeer", 4]["psnr"])
+    printed = capsys.readouterr().out
+    assert any(line.startswith("| RFC |") and "QcacheError" in line for line in printed.splitlines())
+    assert "rfc_psnr=" in printed
+
+
+def test_bench_cache_granularity_flag(recipes, tmp_path, monkeypatch):
+    """--granularity sets cache.granularity where CacheConfig has the field, else fails in one line."""
+    import dataclasses
+
+    import tools.bench_cache as bc
+    from qcache.recipe import CacheConfig
+
+    has = "granularity" in {f.name for f in dataclasses.fields(CacheConfig)}
+    if not has:
+        with pytest.raises(QcacheError, match="--granularity: this qcache's CacheConfig has no granularity field"):
+            bc.granularities("module,span")
+        assert bc.granularities(None) == [None]
+        return
+    assert bc.granularities("module, span") == ["module", "span"]
+    import argparse
+
+    args = argparse.Namespace(warmup=2, tune_samples=2, tune_seed=1, cache_compile="off")
+    assert bc.cache_config("FORA", 4, args, "span").granularity == "span"
