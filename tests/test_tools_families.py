@@ -115,3 +115,74 @@ def test_bench_cache_granularity_flag(recipes, tmp_path, monkeypatch):
 
     args = argparse.Namespace(warmup=2, tune_samples=2, tune_seed=1, cache_compile="off")
     assert bc.cache_config("FORA", 4, args, "span").granularity == "span"
+
+
+# ---- bench_quant ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fam,extras", [pytest.param("dit", True, marks=pytest.mark.slow), ("pixart", False)])
+def test_bench_quant_on_a_latent_family_reports_psnr_and_records_a_failing_row(fam, extras, recipes, tmp_path,
+                                                                             monkeypatch, capsys):
+    import tools.bench_quant as bq
+
+    real = bq.quantize_transformer
+
+    def quantize(model, cfg, *a, **k):  # W4 runs out of memory, say: its rows and checkpoints keep the error
+        if cfg.preset == "W4":
+            raise RuntimeError("out of memory (injected)")
+        return real(model, cfg, *a, **k)
+
+    monkeypatch.setattr(bq, "quantize_transformer", quantize)
+    out = tmp_path / "bq.json"
+    argv = ["--recipe", str(recipes[fam]), "--n", "3", "--presets", "W8A8", "W4", "--sizes", "8", "--selectors",
+            "random", "tap", "--pool-images", "2", "--tap-rows", "16", "--json", str(out)]
+    run_tool(monkeypatch, bq, *argv, *([] if extras else ["--no-extras"]))
+    rep = json.loads(out.read_text())
+    assert rep["family"] == fam and rep["quality"] == "psnr" and rep["nfc"] == 4 and rep["schedule_error"] is None
+    rows = rep["rows"]
+    ref = rows[0]
+    assert ref["variant"] == "reference" and ref["psnr"] == 100.0 and ref["fid_to_fp"] is None
+    failed = [r for r in rows if r["weights"] == "int4"]
+    assert failed and all(r["error"] == "RuntimeError: out of memory (injected)" for r in failed)
+    good = [r for r in rows[1:] if r["weights"] != "int4"]
+    # cache only, W8A8 x (random, tap) [, no cache, naive pool, W8, W8A8 and W8 conditioning fp32, W8 keep fp32]
+    assert len(good) == (9 if extras else 3)
+    for r in good:
+        assert "error" not in r and r["fid_to_fp"] is None and 5.0 < r["psnr"] < 100.0, r
+        assert r["nfc"] == (6 if r["cache"] == "none" else 4)
+    printed = capsys.readouterr().out
+    assert "| int8 | 8 | tap | 1 | - |" in printed  # mean over seeds: no FID-to-FP, PSNR given
+    if extras:
+        ck = {(c["preset"], c["variant"]): c for c in rep["checkpoints"]}
+        assert ck["W8A8", "default"]["ratio"] > 1.3 and "error" in ck["W4", "default"]
+        assert set(rep["tap_timing"]) == {"uncached pool cut", "cache-aware pool"}
+
+
+# ---- ablation ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # eight rows, each with its pool, quantization and schedule tuning: minutes on two shared cores
+@pytest.mark.parametrize("fam", ["dit", "pixart"])
+def test_ablation_on_a_latent_family_reports_psnr_and_records_failing_rows(fam, recipes, tmp_path, monkeypatch,
+                                                                          capsys):
+    import tools.ablation as ab
+
+    def no_vc(*a, **k):
+        raise RuntimeError("variance compensation failed (injected)")
+
+    monkeypatch.setattr(ab, "fit_variance_compensation", no_vc)
+    out = tmp_path / "ab.json"
+    run_tool(monkeypatch, ab, "--recipe", str(recipes[fam]), "--n", "3", "--nfc", "4", "--latency-samples", "1",
+             "--repeats", "1", "--json", str(out))
+    rep = json.loads(out.read_text())
+    assert rep["family"] == fam and rep["quality"] == "psnr"
+    rows = {r["config"]: r for r in rep["rows"]}
+    assert list(rows) == list(ab.ROWS)
+    for name in ("+tap+vc", "qcache"):  # both fit VC: their errors stay in their rows
+        assert rows[name]["error"] == "RuntimeError: variance compensation failed (injected)"
+        assert "psnr" not in rows[name]
+    assert rows["fp"]["psnr"] == 100.0 and rows["fp"]["nfc"] == 6 and rows["fp"]["fid_to_fp"] is None
+    for name in ("ptq", "rfc", "naive", "+tap", "rfc_instead_of_fora"):
+        r = rows[name]
+        assert "error" not in r and r["fid_to_fp"] is None and 5.0 < r["psnr"] < 100.0, r
+        assert r["latency_ratio"] > 0 and r["size_ratio"] >= 1.0
+        assert r["nfc"] == (6 if name == "ptq" else 4)
+    assert rows["ptq"]["size_ratio"] > 1.3 and rows["rfc"]["size_ratio"] == 1.0
+    printed = capsys.readouterr().out
+    assert any(line.startswith("| qcache |") and "RuntimeError" in line for line in printed.splitlines())
