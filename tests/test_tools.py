@@ -90,3 +90,21 @@ def test_time_sampling_is_time_interleaved_of_one_sampler(monkeypatch):
     assert s.calls == [2, 5, 5, 5]  # one warm-up run of min(n, 2) images, then the timed runs
     a, b = FakeSampler(), FakeSampler()
     assert len(evaluate.time_interleaved([a, b], 1, 2)) == 2 and a.calls == b.calls == [1, 1, 1]
+
+
+def test_bench_cache_latency_run_that_fails_keeps_its_error():
+    import tools.bench_cache as bc
+
+    class FailingSampler:  # out of memory at the latency batch size, say
+        calls = 0
+
+        def sample(self, n, progress=False):
+            FailingSampler.calls += 1
+            raise torch.OutOfMemoryError("out of memory at batch 100")
+
+    nfcs, errors = [], []
+    run = bc.timed_run(FailingSampler(), 100, None, None, nfcs, errors)
+    run(), run()
+    assert errors == ["OutOfMemoryError: out of memory at batch 100"] and nfcs == [] and FailingSampler.calls == 1
+    with pytest.raises(torch.OutOfMemoryError):  # without an error list the failure propagates
+        bc.timed_run(FailingSampler(), 100, None, None, [])()

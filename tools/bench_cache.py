@@ -25,10 +25,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
-from common import (DIGITS_RECIPE, RecipeModel, better, fmt, interleaved_times, log, markdown_table, quality_key,
-                    run_cli, run_row, write_json)
+from common import (DIGITS_RECIPE, ROW_ERRORS, RecipeModel, better, fmt, interleaved_times, log, markdown_table,
+                    one_line, quality_key, run_cli, run_row, write_json)
 
 from qcache.cache import attach_cache, executed_flops, tune_tau  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
@@ -61,21 +62,32 @@ def cache_config(name: str, target: int, args: argparse.Namespace, granularity: 
     return cfg if granularity is None else dataclasses.replace(cfg, granularity=granularity)
 
 
-def timed_run(sampler: Sampler, n: int, cfg: CacheConfig | None, tau: float | None, nfc_out: list) -> callable:
+def timed_run(sampler: Sampler, n: int, cfg: CacheConfig | None, tau: float | None, nfc_out: list,
+              errors: list | None = None) -> Callable[[], None]:
     """A function sampling n images with this cache attached (detached after); it appends the run's NFC to
-    ``nfc_out``. Attaching (registering hooks) is inside the timed call; it costs microseconds."""
-    def run() -> None:
+    ``nfc_out``, or the error of a failed run to ``errors`` (out of memory at the latency batch size, say), after
+    which it does nothing. Attaching (registering hooks) is inside the timed call; it costs microseconds."""
+    def sample() -> float:
         if cfg is None:
             sampler.sample(n, progress=False)
-            nfc_out.append(float(sampler.config.steps))
-            return
+            return float(sampler.config.steps)
         cache = attach_cache(sampler.transformer, cfg, tau=tau)
         try:
             with sampler.extra_hooks(cache):
                 sampler.sample(n, progress=False)
         finally:
             cache.remove()
-        nfc_out.append(cache.stats.mean_nfc())
+        return cache.stats.mean_nfc()
+
+    def run() -> None:
+        if errors:
+            return
+        try:
+            nfc_out.append(sample())
+        except ROW_ERRORS as exc:
+            if errors is None:
+                raise
+            errors.append(one_line(exc))
     return run
 
 
@@ -144,13 +156,18 @@ def main() -> None:
 
     log(f"latency: {len(configs)} configurations x {args.repeats} rounds of {args.latency_samples} images")
     nfcs: list[list[float]] = [[] for _ in configs]
-    runs = [timed_run(sampler, args.latency_samples, cfg, tau, out) for (_, cfg, tau), out in zip(configs, nfcs)]
+    errors: list[list[str]] = [[] for _ in configs]
+    runs = [timed_run(sampler, args.latency_samples, cfg, tau, out, err)
+            for (_, cfg, tau), out, err in zip(configs, nfcs, errors)]
     warm = [timed_run(sampler, 2, None, None, [])]
     if args.cache_compile == "on":  # compiled graphs are specific to the batch shape: compile them untimed
         warm += runs[1:]
     times = interleaved_times(runs, args.repeats, warmup=warm, device=sampler.device)
-    fp_time = statistics.median(times[0])
-    for (row, _, _), ts, nfc in zip(configs, times, nfcs):
+    fp_time = statistics.median(times[0]) if not errors[0] else None
+    for (row, _, _), ts, nfc, err in zip(configs, times, nfcs, errors):
+        if err or fp_time is None:
+            row["latency_error"] = err[0] if err else f"FP: {errors[0][0]}"
+            continue
         row["latency_s"] = statistics.median(ts)
         row["latency_runs_s"] = ts
         row["latency_nfc"] = nfc[-1]
