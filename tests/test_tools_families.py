@@ -54,7 +54,7 @@ def run_tool(monkeypatch, module, *argv: str) -> None:
 
 
 # ---- bench_cache ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fam", ["dit", "pixart"])
+@pytest.mark.parametrize("fam", ["dit", pytest.param("pixart", marks=pytest.mark.slow)])
 def test_bench_cache_on_a_latent_family_reports_psnr_and_records_a_failing_row(fam, recipes, tmp_path, monkeypatch,
                                                                              capsys):
     import tools.bench_cache as bc
