@@ -132,7 +132,8 @@ def main() -> None:
     sampling = sampler.config
     torch.manual_seed(0)
 
-    log(f"FP reference: {args.n} samples, {sampling.steps} {sampling.scheduler} steps, threads={torch.get_num_threads()}")
+    log(f"FP reference: {args.n} samples, {sampling.steps} {sampling.scheduler} steps, "
+        f"threads={torch.get_num_threads()}")
     fp_latents, fp_flops = executed_flops(lambda: sampler.sample(args.n, progress=False))
     fp = rm.pixels(fp_latents)
     rows = [{"method": "FP", "target_nfc": sampling.steps, "nfc": float(sampling.steps), "tau": None,

@@ -96,7 +96,8 @@ def build_base(dims: dict, seed: int, device: torch.device) -> torch.nn.Module:
     return random_dit(dims, seed, device)
 
 
-def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool, cpu_baseline: str = "fp32") -> list[Variant]:
+def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool,
+             cpu_baseline: str = "fp32") -> list[Variant]:
     """The model builds of this run; the first one is the baseline (``cpu_baseline``: fp32 or bf16, CPU only)."""
     def ao(preset: str, dtype: str, f8: bool = False) -> QuantConfig:
         return QuantConfig(backend="torchao", preset=preset, compute_dtype=dtype, float8=f8, keep_dtype="float32")

@@ -121,7 +121,7 @@ class RecipeModel:
         return self.parts.conditioner
 
     def sampler(self, transformer: torch.nn.Module | None = None, **sampling) -> Sampler:
-        """A sampler of ``transformer`` (default: the FP model) with the recipe's sampling, overridden by ``sampling``."""
+        """A sampler of ``transformer`` (default: the FP model), the recipe's sampling overridden by ``sampling``."""
         cfg = dataclasses.replace(self.recipe.sampling, **sampling) if sampling else self.recipe.sampling
         return Sampler(self.transformer if transformer is None else transformer, self.scheduler_config, cfg,
                        conditioner=self.parts.conditioner)

@@ -167,7 +167,8 @@ def calls_main(argv: list[str] | None = None) -> None:
     write_json(args.json, {"rows": rows, "model": args.model, "batch": args.batch, "steps": args.steps,
                            "full_steps": full_steps, "repeats": args.repeats, "store_dtype": args.store_dtype,
                            "precision": args.precision, "compile_model": args.compile_model,
-                           "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv)})
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "command": " ".join(sys.argv)})
 
 
 # ---- the cache's own arithmetic (--ops) ---------------------------------------------------------------------------
