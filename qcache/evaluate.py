@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 from functools import lru_cache
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -28,8 +28,6 @@ from .metrics import fid_from_features
 from .models import load_model, load_parts
 from .recipe import EvalConfig, Recipe, load_recipe, recipe_to_dict
 from .sampling import Sampler, SampleSet
-
-T = TypeVar("T")
 
 
 @lru_cache(maxsize=1)
@@ -61,7 +59,7 @@ def quality_metrics(samples: SampleSet, conditioner=None) -> dict[str, float | N
     }
 
 
-def wall_time(fn: Callable[[], T], device: torch.device | None = None) -> tuple[float, T]:
+def wall_time(fn: Callable[[], Any], device: torch.device | None = None) -> tuple[float, Any]:
     """Seconds of one call of ``fn`` and its result; CUDA work queued on ``device`` is waited for on both sides."""
     cuda = device is not None and device.type == "cuda"
     if cuda:
