@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from functools import lru_cache
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -58,36 +59,48 @@ def quality_metrics(samples: SampleSet, conditioner=None) -> dict[str, float | N
     }
 
 
-def time_sampling(sampler: Sampler, n: int, repeats: int, seed: int = 0) -> float:
-    """Median wall time (s) of sampling n images, over ``repeats`` runs after one untimed warm-up step."""
-    sampler.sample(min(n, 2), seed=seed, progress=False)  # warm-up: allocator, kernels, lazy inits
-    times = []
+def wall_time(fn: Callable[[], Any], device: torch.device | None = None) -> tuple[float, Any]:
+    """Seconds of one call of ``fn`` and its result; CUDA work queued on ``device`` is waited for on both sides."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def interleaved_times(fns: Sequence[Callable[[], object]], repeats: int, warmup: Sequence[Callable[[], object]] = (),
+                      device: torch.device | None = None) -> list[list[float]]:
+    """Wall times (s) of every function in ``repeats`` interleaved rounds (A, B, A, B, ...): one list per function.
+
+    On a shared machine the load drifts; interleaving exposes every function to the same drift, so the ratio of
+    two medians is far steadier than timing one function after the other. ``warmup`` runs once, untimed, first.
+    """
+    for fn in warmup:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        sampler.sample(n, seed=seed, progress=False)
-        if sampler.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            ts.append(wall_time(fn, device)[0])
+    return times
 
 
 def time_interleaved(samplers: list[Sampler], n: int, repeats: int, seed: int = 0) -> list[float]:
-    """Median wall time (s) of sampling n images with each sampler, their runs interleaved (A, B, A, B, ...).
+    """Median wall time (s) of sampling n images with each sampler, their runs interleaved (``interleaved_times``),
+    after one untimed warm-up run of each (allocator, kernels, lazy inits)."""
+    def run(s: Sampler, k: int) -> Callable[[], object]:
+        return lambda: s.sample(k, seed=seed, progress=False)
 
-    On a shared machine the load drifts; interleaving exposes every sampler to the same drift, so the ratio of
-    two medians is far steadier than timing one sampler after the other.
-    """
-    for s in samplers:
-        s.sample(min(n, 2), seed=seed, progress=False)  # warm-up
-    times: list[list[float]] = [[] for _ in samplers]
-    for _ in range(repeats):
-        for s, ts in zip(samplers, times):
-            t0 = time.perf_counter()
-            s.sample(n, seed=seed, progress=False)
-            if s.device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
+    times = interleaved_times([run(s, n) for s in samplers], repeats, warmup=[run(s, min(n, 2)) for s in samplers],
+                              device=samplers[0].device if samplers else None)
     return [statistics.median(ts) for ts in times]
+
+
+def time_sampling(sampler: Sampler, n: int, repeats: int, seed: int = 0) -> float:
+    """Median wall time (s) of sampling n images, over ``repeats`` runs after one untimed warm-up run."""
+    return time_interleaved([sampler], n, repeats, seed)[0]
 
 
 def flops_per_image(sampler: Sampler, seed: int = 0) -> int:

@@ -25,14 +25,10 @@ def bench(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict | No
 
 
 @pytest.fixture
-def bs(monkeypatch):
+def bs():
     """tools/bench_speed.py as a module."""
-    import importlib.util
+    import tools.bench_speed as mod
 
-    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "tools" / "bench_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_speed", mod)  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
     return mod
 
 

@@ -1,8 +1,8 @@
-"""tools/module_costs.py: the shapes it reads off the models, the bytes it accounts, its rows and its errors."""
+"""tools/step_costs.py --ops (tools/module_costs.py): the shapes it reads off the models, the bytes it accounts, its
+rows and its errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
@@ -15,10 +15,8 @@ from tests.conftest import REPO
 
 @pytest.fixture
 def mc(monkeypatch):
-    spec = importlib.util.spec_from_file_location("module_costs", REPO / "tools" / "module_costs.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "module_costs", mod)
-    spec.loader.exec_module(mod)
+    import tools.step_costs as mod
+
     monkeypatch.setattr(fused, "BACKEND", "eager")  # dynamo traces, no code generation in the tests
     fused.compiled.cache_clear()
     yield mod
@@ -53,9 +51,12 @@ def test_rfe_input_is_the_distance_the_cached_step_measures(mc):
     torch.testing.assert_close(got, torch.linalg.vector_norm((x - s["last"]).reshape(3, -1), dim=1))
 
 
-def test_bad_batch_is_one_line_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("command", [["tools/module_costs.py"], ["tools/step_costs.py", "--ops"],
+                                     ["-m", "tools.step_costs", "--ops"]])
+def test_bad_batch_is_one_line_and_writes_nothing(tmp_path, command):
+    """Every way to run it (the old entry point, the merged script, the package module) parses the same flags."""
     out = tmp_path / "m.json"
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "module_costs.py"), "--batch", "0", "--json", str(out)],
+    p = subprocess.run([sys.executable, *command, "--batch", "0", "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0 and not out.exists()
-    assert p.stderr.strip().splitlines()[-1].endswith("--batch and --repeats must be >= 1")
+    assert p.returncode == 2 and not out.exists()
+    assert p.stderr.strip().splitlines()[-1] == "error: --batch and --repeats must be >= 1"

@@ -15,8 +15,11 @@ Rows, each measured against the full-precision model from the same noise (FID-to
     rfc_instead_of_fora  ptq (naive calibration) + RFC
     qcache             TAP on an RFC-aware pool + RFC + VC (what python -m qcache.compress builds)
 
-The naive pool has as many rows as the cache-aware ones (fewer images, every step). Heavy: run it alone
-(``flock /tmp/qcache-cpu.lock``).
+The naive pool has as many rows as the cache-aware ones (fewer images, every step). Any recipe works (latent and
+text models: images decoded by the VAE, every stage conditioned like the compress pipeline's); FID-to-FP needs the
+digits judge, elsewhere it is null and the table's quality column to read is PSNR. A row that fails (or whose
+pool or quantized model failed) keeps its error (``"error"``) and the others still run. Heavy at the defaults: run
+it alone (``flock /tmp/qcache-cpu.lock``).
 """
 
 from __future__ import annotations
@@ -24,51 +27,63 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
+from common import (DIGITS_RECIPE, ROW_ERRORS, RecipeModel, fmt, markdown_table, quality_key, run_cli, run_row,
+                    time_interleaved, write_json)
+from common import log as _log
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qcache.cli import run_cli, write_json  # noqa: E402
 from qcache.compressed import CompressedModel  # noqa: E402
-from qcache.evaluate import quality_metrics, time_interleaved  # noqa: E402
-from qcache.metrics import compare_sets  # noqa: E402
-from qcache.models import load_model  # noqa: E402
 from qcache.pipeline import (build_pool, cache_schedule, fit_variance_compensation, model_bytes,  # noqa: E402
                              quantize_model, select_calibration)
 from qcache.quant import checkpoint_bytes, save_quantized  # noqa: E402
-from qcache.recipe import CacheConfig, load_recipe  # noqa: E402
-from qcache.sampling import Sampler  # noqa: E402
+from qcache.recipe import CacheConfig  # noqa: E402
 
 ROWS = ("fp", "ptq", "rfc", "naive", "+tap", "+tap+vc", "rfc_instead_of_fora", "qcache")
 KEYS = ("config", "nfc", "fid_to_fp", "fid_data", "class_accuracy", "psnr", "latency_ratio", "size_ratio")
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    _log(msg, err=True)
 
 
 class Ablation:
+    """The rows above on one recipe's model, each against the same FP reference."""
+
     def __init__(self, args) -> None:
-        recipe = load_recipe(args.recipe)
-        self.recipe = replace(recipe, model=replace(recipe.model, device="cpu"),
-                              quant=replace(recipe.quant, preset="W8A8"),
+        self.rm = RecipeModel.load(args.recipe, device="cpu")
+        recipe = self.rm.recipe
+        self.recipe = replace(recipe, quant=replace(recipe.quant, preset="W8A8"),
                               cache=replace(recipe.cache, target_nfc=args.nfc),
                               eval=replace(recipe.eval, n=args.n, latency_samples=args.latency_samples,
                                            latency_repeats=args.repeats))
-        loaded = load_model(self.recipe.model)
-        self.fp, self.sched = loaded.transformer, loaded.scheduler_config
+        self.fp, self.sched, self.parts = self.rm.transformer, self.rm.scheduler_config, self.rm.parts
         self.fp_bytes = model_bytes(self.fp)
         self.rows: list[dict] = []
         self.fora = CacheConfig(policy="fora", target_nfc=args.nfc, warmup=self.recipe.cache.warmup)
+        self._products: dict[str, tuple[object, BaseException | None]] = {}
+        self._ids = itertools.count()
 
     # ---- building blocks ------------------------------------------------------------------------------------
+    def product(self, key: str, build: Callable[[], object]):
+        """``build()`` once per key; a product that failed fails every row needing it, with the same error."""
+        if key not in self._products:
+            try:
+                self._products[key] = (build(), None)
+            except ROW_ERRORS as exc:
+                self._products[key] = (None, exc)
+        value, exc = self._products[key]
+        if exc is not None:
+            raise exc
+        return value
+
     def pool(self, cache: CacheConfig | None, selector: str):
         """A calibration set: cache-aware pool collected with ``cache`` (None: naive, every step) and a selector."""
         cal, steps = self.recipe.calibration, self.recipe.sampling.steps
@@ -78,88 +93,100 @@ class Ablation:
         else:
             r = replace(self.recipe, cache=cache, calibration=replace(cal, cache_aware=True, selector=selector))
         t0 = time.perf_counter()
-        pool, info = build_pool(r, self.fp, self.sched)
+        pool, info = build_pool(r, self.fp, self.sched, parts=self.parts)
         sel = select_calibration(r, pool)
         log(f"pool ({'naive' if cache is None else cache.policy}-aware) {len(pool)} rows -> {selector} {len(sel)} "
             f"in {time.perf_counter() - t0:.1f}s")
         return sel, info.get("tau")
 
     def quantized(self, selection):
-        model = quantize_model(self.recipe, self.fp, selection)
-        with_dir = Path(self.tmp) / f"q{len(self.rows)}"
+        model = quantize_model(self.recipe, self.fp, selection, parts=self.parts)
+        with_dir = Path(self.tmp) / f"q{next(self._ids)}"
         save_quantized(model, with_dir)
         return model, checkpoint_bytes(with_dir)
 
     def compressed(self, model, cache: CacheConfig | None, vc: bool, tau_guess=None) -> CompressedModel:
         r = replace(self.recipe, cache=cache or CacheConfig())
-        schedule, _ = cache_schedule(r, model, self.sched, tau_guess)
-        cm = CompressedModel(model, self.sched, self.recipe.sampling, r.cache, schedule)
+        schedule, _ = cache_schedule(r, model, self.sched, tau_guess, parts=self.parts)
+        cm = CompressedModel(model, self.sched, self.recipe.sampling, r.cache, schedule, parts=self.parts)
         if vc:
             cm.vc_factors, _ = fit_variance_compensation(self.recipe, cm, self.fp, self.sched)
         return cm
 
     # ---- one row --------------------------------------------------------------------------------------------
-    def measure(self, config: str, cm: CompressedModel, size: int) -> None:
+    def measure(self, config: str, build: Callable[[], tuple[CompressedModel, int]]) -> dict:
+        """The row ``config``: ``build()`` -> (compressed model, checkpoint bytes), sampled on the reference noise,
+        timed interleaved with the FP sampler. A failure is recorded in the row."""
         e = self.recipe.eval
-        t0 = time.perf_counter()
-        with cm.sampler() as s:
-            out = s.sample(e.n, progress=False)
-            took = time.perf_counter() - t0
-            fp_latency, latency = time_interleaved([self.fp_sampler, s], min(e.latency_samples, e.n),
-                                                   e.latency_repeats)
-        cmp = compare_sets(self.reference.images, out.images)
-        row = {"config": config, "nfc": cm.nfc, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"],
-               "ssim": cmp["ssim"], **quality_metrics(out), "latency_s": latency,
-               "latency_ratio": fp_latency / latency, "fp_latency_s": fp_latency, "size_ratio": self.fp_bytes / size,
-               "size_bytes": size,
-               "schedule": list(cm.schedule.full_steps) if cm.schedule is not None else None,
-               "vc": cm.vc_factors is not None, "sample_s": round(took, 2)}
+
+        def fill() -> dict:
+            cm, size = build()
+            t0 = time.perf_counter()
+            with cm.sampler() as s:
+                out = self.rm.pixels(s.sample(e.n, progress=False))
+                took = time.perf_counter() - t0
+                fp_latency, latency = time_interleaved([self.fp_sampler, s], min(e.latency_samples, e.n),
+                                                       e.latency_repeats)
+            return {"nfc": cm.nfc, **self.rm.compare(self.reference, out), "latency_s": latency,
+                    "latency_ratio": fp_latency / latency, "fp_latency_s": fp_latency,
+                    "size_ratio": self.fp_bytes / size, "size_bytes": size,
+                    "schedule": list(cm.schedule.full_steps) if cm.schedule is not None else None,
+                    "vc": cm.vc_factors is not None, "sample_s": round(took, 2)}
+
+        row = run_row({"config": config}, fill, label=config)
         self.rows.append(row)
-        log("  ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in KEYS))
+        log("  ".join(f"{k}={fmt(row.get(k))}" for k in KEYS) + (f"  error={row['error']}" if "error" in row else ""))
+        return row
 
     def run(self, tmp: str) -> list[dict]:
         self.tmp = tmp
         e = self.recipe.eval
-        self.fp_sampler = Sampler(self.fp, self.sched, self.recipe.sampling)
+        self.fp_sampler = self.rm.sampler()
         t0 = time.perf_counter()
-        self.reference = self.fp_sampler.sample(e.n, progress=False)
+        self.reference = self.rm.pixels(self.fp_sampler.sample(e.n, progress=False))
         log(f"FP reference: {e.n} images in {time.perf_counter() - t0:.1f}s")
-        plain = CompressedModel(self.fp, self.sched, self.recipe.sampling, CacheConfig())
-        self.measure("fp", plain, self.fp_bytes)
+        plain = CompressedModel(self.fp, self.sched, self.recipe.sampling, CacheConfig(), parts=self.parts)
+        self.measure("fp", lambda: (plain, self.fp_bytes))
 
-        naive_sel, _ = self.pool(None, "random")
-        naive_q, naive_bytes = self.quantized(naive_sel)
-        self.measure("ptq", self.compressed(naive_q, None, vc=False), naive_bytes)
+        naive_q = lambda: self.product("naive_q", lambda: self.quantized(  # noqa: E731
+            self.product("naive_sel", lambda: self.pool(None, "random"))[0]))
+        self.measure("ptq", lambda: (self.compressed(naive_q()[0], None, vc=False), naive_q()[1]))
 
         # a copy: the cache attaches to its transformer, and the FP sampler timed beside it must stay uncached
-        rfc_fp = self.compressed(copy.deepcopy(self.fp), self.recipe.cache, vc=False)
-        self.measure("rfc", rfc_fp, self.fp_bytes)
-        fp_tau = rfc_fp.schedule.params.get("tau")
+        rfc_fp = lambda: self.product("rfc_fp", lambda: self.compressed(  # noqa: E731
+            copy.deepcopy(self.fp), self.recipe.cache, vc=False))
+        self.measure("rfc", lambda: (rfc_fp(), self.fp_bytes))
+        rfc_schedule = getattr(self._products.get("rfc_fp", (None,))[0], "schedule", None)
+        fp_tau = rfc_schedule.params.get("tau") if rfc_schedule is not None else None
 
-        self.measure("naive", self.compressed(naive_q, self.fora, vc=False), naive_bytes)
+        self.measure("naive", lambda: (self.compressed(naive_q()[0], self.fora, vc=False), naive_q()[1]))
 
-        fora_sel, _ = self.pool(self.fora, "tap")
-        tap_q, tap_bytes = self.quantized(fora_sel)
-        self.measure("+tap", self.compressed(tap_q, self.fora, vc=False), tap_bytes)
-        self.measure("+tap+vc", self.compressed(tap_q, self.fora, vc=True), tap_bytes)
+        tap_q = lambda: self.product("tap_q", lambda: self.quantized(  # noqa: E731
+            self.product("fora_sel", lambda: self.pool(self.fora, "tap"))[0]))
+        self.measure("+tap", lambda: (self.compressed(tap_q()[0], self.fora, vc=False), tap_q()[1]))
+        self.measure("+tap+vc", lambda: (self.compressed(tap_q()[0], self.fora, vc=True), tap_q()[1]))
 
-        self.measure("rfc_instead_of_fora", self.compressed(naive_q, self.recipe.cache, vc=False, tau_guess=fp_tau),
-                     naive_bytes)
+        self.measure("rfc_instead_of_fora", lambda: (self.compressed(naive_q()[0], self.recipe.cache, vc=False,
+                                                                     tau_guess=fp_tau), naive_q()[1]))
 
-        rfc_sel, pool_tau = self.pool(self.recipe.cache, "tap")
-        q, q_bytes = self.quantized(rfc_sel)
-        self.measure("qcache", self.compressed(q, self.recipe.cache, vc=True, tau_guess=pool_tau), q_bytes)
+        rfc_sel = lambda: self.product("rfc_sel", lambda: self.pool(self.recipe.cache, "tap"))  # noqa: E731
+        q = lambda: self.product("rfc_q", lambda: self.quantized(rfc_sel()[0]))  # noqa: E731
+        self.measure("qcache", lambda: (self.compressed(q()[0], self.recipe.cache, vc=True, tau_guess=rfc_sel()[1]),
+                                        q()[1]))
         return self.rows
 
 
 def table(rows: list[dict]) -> str:
-    head = "| config | NFC | FID-to-FP | FID (data) | class acc. | PSNR (dB) | latency ratio | size ratio |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['nfc']} | {r['fid_to_fp']:.3f} | {r['fid_data']:.2f} | "
-                     f"{r['class_accuracy']:.3f} | {r['psnr']:.2f} | {r['latency_ratio']:.2f} | "
-                     f"{r['size_ratio']:.2f} |")
-    return "\n".join(lines)
+    """The rows as Markdown (failed rows show their error)."""
+    keys = list(KEYS) + (["error"] if any("error" in r for r in rows) else [])
+    heads = ["config", "NFC", "FID-to-FP", "FID (data)", "class acc.", "PSNR (dB)", "latency ratio",
+             "size ratio"] + (["error"] if "error" in keys else [])
+
+    def f(digits: int) -> Callable[[object], str]:
+        return lambda v: "-" if v is None else f"{v:.{digits}f}"
+
+    return markdown_table(rows, keys, heads, formats={"fid_to_fp": f(3), "fid_data": f(2), "class_accuracy": f(3),
+                                                      "psnr": f(2), "latency_ratio": f(2), "size_ratio": f(2)})
 
 
 def main() -> None:
@@ -168,7 +195,7 @@ def main() -> None:
     import datasets
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"))
+    ap.add_argument("--recipe", default=str(DIGITS_RECIPE))
     ap.add_argument("--n", type=int, default=500, help="images per row (same noise as the FP reference)")
     ap.add_argument("--nfc", type=int, default=14, help="target NFC of the cached rows")
     ap.add_argument("--latency-samples", type=int, default=100)
@@ -187,7 +214,8 @@ def main() -> None:
         rows = bench.run(tmp)
     result = {"recipe": args.recipe, "n": args.n, "nfc": args.nfc, "latency_samples": args.latency_samples,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
+              "seconds": round(time.perf_counter() - t0, 1), "family": bench.parts.family.name,
+              "quality": quality_key(rows), "rows": rows,
               "recipe_sections": {k: dataclasses.asdict(getattr(bench.recipe, k))
                                   for k in ("sampling", "cache", "calibration", "quant", "vc")}}
     if args.json:

@@ -12,26 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import interleaved_times, run_cli
 
 from qcache.memory import keep_freed_memory  # noqa: E402
 
 
 def median_us(fn, n: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
+    """Median microseconds of ``fn`` over n calls, after 10 untimed ones."""
+    return statistics.median(interleaved_times([fn], n, warmup=[fn] * 10)[0]) * 1e6
 
 
 def main() -> None:
@@ -55,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,13 +1,20 @@
 """Benchmark of the feature caches on a recipe's model: quality against full precision and measured speed-up.
 
     python tools/bench_cache.py --n 500 --json runs/bench_cache.json [--plot docs/bench_cache.png]
+    python tools/bench_cache.py --recipe recipes/pixart-alpha-512.yaml --n 16 --targets 14,10 --json runs/bc.json
 
 For every target NFC (25, 17, 14, 10, 8) it runs FORA, TaylorSeer (m=2), RFE-only (fixed, evenly spread full
 steps), RCS-only (TaylorSeer forecasts, tau tuned) and RFC (m=2, tau tuned). Every method samples the same n images
 from the same noise as the full-precision (FP) reference. Fixed schedules place exactly NFC full steps; RCS methods
 get tau by bisection on a separate calibration batch (seed ``--tune-seed``) and then run live, so their NFC is the
 one measured on the evaluation batch. Latency: every configuration, FP included, is timed in interleaved rounds in
-this same run; ``latency_ratio`` = median FP time / median time of the method.
+this same run (``qcache.evaluate.interleaved_times``); ``latency_ratio`` = median FP time / median time of the
+method.
+
+Any recipe works, latent and text models included: latents are decoded by the model's VAE before they are compared.
+FID-to-FP needs the digits judge; elsewhere it is null and the acceptance block compares PSNR. A configuration that
+fails (a target no tau reaches, out of memory) keeps its error in its row (``"error"``) and the run goes on.
+``--granularity module,block,span`` repeats every configuration at each ``cache.granularity``.
 """
 
 from __future__ import annotations
@@ -18,18 +25,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import (DIGITS_RECIPE, ROW_ERRORS, RecipeModel, better, fmt, interleaved_times, log, markdown_table,
+                    one_line, quality_key, run_cli, run_row, write_json)
 
 from qcache.cache import attach_cache, executed_flops, tune_tau  # noqa: E402
-from qcache.cli import run_cli, write_json  # noqa: E402
-from qcache.evaluate import quality_metrics  # noqa: E402
-from qcache.metrics import compare_sets  # noqa: E402
-from qcache.models import load_model  # noqa: E402
-from qcache.recipe import CacheConfig, load_recipe, recipe_to_dict  # noqa: E402
+from qcache.errors import QcacheError  # noqa: E402
+from qcache.recipe import CacheConfig, recipe_to_dict  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
 
 METHODS = {  # name -> cache config (target_nfc filled in per row)
@@ -41,32 +45,55 @@ METHODS = {  # name -> cache config (target_nfc filled in per row)
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def granularities(arg: str | None) -> list[str | None]:
+    """The ``--granularity`` list; [None] (the config's default, no key in the rows) when not given. One line of
+    error when this qcache's ``CacheConfig`` has no ``granularity`` field."""
+    if not arg:
+        return [None]
+    if "granularity" not in {f.name for f in dataclasses.fields(CacheConfig)}:
+        raise QcacheError("--granularity: this qcache's CacheConfig has no granularity field")
+    return [g.strip() for g in arg.split(",") if g.strip()]
 
 
-def timed(sampler: Sampler, n: int, cfg: CacheConfig | None, tau: float | None) -> tuple[float, float]:
-    """Wall time of sampling n images with this cache attached; returns (seconds, NFC of that run)."""
-    cache = None
-    if cfg is not None:
+def cache_config(name: str, target: int, args: argparse.Namespace, granularity: str | None) -> CacheConfig:
+    """The cache configuration of one row (``granularity`` set via ``dataclasses.replace`` only when given)."""
+    cfg = CacheConfig(**METHODS[name], warmup=args.warmup, target_nfc=target, tune_samples=args.tune_samples,
+                      tune_seed=args.tune_seed, compile=args.cache_compile == "on")
+    return cfg if granularity is None else dataclasses.replace(cfg, granularity=granularity)
+
+
+def timed_run(sampler: Sampler, n: int, cfg: CacheConfig | None, tau: float | None, nfc_out: list,
+              errors: list | None = None) -> Callable[[], None]:
+    """A function sampling n images with this cache attached (detached after); it appends the run's NFC to
+    ``nfc_out``, or the error of a failed run to ``errors`` (out of memory at the latency batch size, say), after
+    which it does nothing. Attaching (registering hooks) is inside the timed call; it costs microseconds."""
+    def sample() -> float:
+        if cfg is None:
+            sampler.sample(n, progress=False)
+            return float(sampler.config.steps)
         cache = attach_cache(sampler.transformer, cfg, tau=tau)
-        sampler.hooks.append(cache)
-    try:
-        t0 = time.perf_counter()
-        sampler.sample(n, progress=False)
-        if sampler.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    finally:
-        if cache is not None:
-            sampler.hooks.remove(cache)
+        try:
+            with sampler.extra_hooks(cache):
+                sampler.sample(n, progress=False)
+        finally:
             cache.remove()
-    return dt, (cache.stats.mean_nfc() if cache is not None else float(sampler.config.steps))
+        return cache.stats.mean_nfc()
+
+    def run() -> None:
+        if errors:
+            return
+        try:
+            nfc_out.append(sample())
+        except ROW_ERRORS as exc:
+            if errors is None:
+                raise
+            errors.append(one_line(exc))
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(REPO / "recipes" / "digits.yaml"))
+    ap.add_argument("--recipe", default=str(DIGITS_RECIPE))
     ap.add_argument("--n", type=int, default=500, help="samples per method (quality)")
     ap.add_argument("--json", required=True, help="write the rows here")
     ap.add_argument("--targets", default="25,17,14,10,8")
@@ -77,96 +104,109 @@ def main() -> None:
     ap.add_argument("--tune-samples", type=int, default=64)
     ap.add_argument("--tune-seed", type=int, default=1)
     ap.add_argument("--source", default=None, help="override the recipe's model.source")
+    ap.add_argument("--device", default=None, help="override the recipe's model.device")
+    ap.add_argument("--granularity", default=None, metavar="LIST",
+                    help="comma-separated cache.granularity values (module, block, span): every method at each")
     ap.add_argument("--cache-compile", choices=("off", "on"), default="off",
                     help="cache.compile for every method: the cached steps' arithmetic through torch.compile "
                          "(qcache/cache/fused.py); each configuration then gets one untimed round first")
-    ap.add_argument("--plot", default=None, help="PNG of FID-to-FP against NFC")
+    ap.add_argument("--plot", default=None, help="PNG of FID-to-FP (PSNR off the digits judge) against NFC")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only combine the rows of earlier runs (each keeps the latency ratio of its own run)")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.json, args.plot)
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise QcacheError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    try:
+        targets = [int(t) for t in args.targets.split(",") if t]
+    except ValueError:
+        raise QcacheError(f"--targets: comma-separated integers, got {args.targets!r}") from None
+    if args.n < 2 or args.latency_samples < 1 or args.repeats < 1:
+        raise QcacheError("--n must be >= 2, --latency-samples and --repeats >= 1")
+    grans = granularities(args.granularity)
 
-    recipe = load_recipe(args.recipe)
-    if args.source:
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, source=args.source))
-    sampling = dataclasses.replace(recipe.sampling, batch_size=max(args.n, args.latency_samples, args.tune_samples))
-    loaded = load_model(recipe.model)
-    sampler = Sampler(loaded.transformer, loaded.scheduler_config, sampling)
-    targets = [int(t) for t in args.targets.split(",")]
-    methods = args.methods.split(",")
-    compile_cache = args.cache_compile == "on"
+    rm = RecipeModel.load(args.recipe, source=args.source, device=args.device)
+    sampler = rm.sampler(batch_size=max(args.n, args.latency_samples, args.tune_samples))
+    sampling = sampler.config
     torch.manual_seed(0)
 
-    log(f"FP reference: {args.n} samples, {sampling.steps} {sampling.scheduler} steps, threads={torch.get_num_threads()}")
-    fp, fp_flops = executed_flops(lambda: sampler.sample(args.n, progress=False))
-    fp_quality = quality_metrics(fp)
+    log(f"FP reference: {args.n} samples, {sampling.steps} {sampling.scheduler} steps, "
+        f"threads={torch.get_num_threads()}")
+    fp_latents, fp_flops = executed_flops(lambda: sampler.sample(args.n, progress=False))
+    fp = rm.pixels(fp_latents)
     rows = [{"method": "FP", "target_nfc": sampling.steps, "nfc": float(sampling.steps), "tau": None,
-             "fid_to_fp": 0.0, "psnr": None, "ssim": 1.0, **fp_quality, "flops_per_image": fp_flops / args.n,
-             "cache_bytes_per_image": 0.0}]
+             **rm.compare(fp, fp), "flops_per_image": fp_flops / args.n, "cache_bytes_per_image": 0.0}]
     configs: list[tuple[dict, CacheConfig | None, float | None]] = [(rows[0], None, None)]
 
     for target in targets:
-        for name in methods:
-            cfg = CacheConfig(**METHODS[name], warmup=args.warmup, target_nfc=target,
-                              tune_samples=args.tune_samples, tune_seed=args.tune_seed,
-                              compile=compile_cache)
-            tau, tune = None, {}
-            t0 = time.perf_counter()
-            if cfg.rcs and cfg.policy == "rfc":
-                res = tune_tau(sampler, cfg, target)
-                tau = res.tau
-                tune = {"tune_nfc": res.nfc, "tune_probes": len(res.probes), "tune_s": time.perf_counter() - t0}
-            cache = attach_cache(sampler.transformer, cfg, tau=tau)
-            try:
-                with sampler.extra_hooks(cache):
-                    out, flops = executed_flops(lambda: sampler.sample(args.n, progress=False))
-            finally:
-                cache.remove()
-            stats = cache.stats.report()
-            row = {"method": name, "target_nfc": target, "nfc": stats["nfc"], "tau": tau,
-                   **compare_sets(fp.images, out.images), **quality_metrics(out),
-                   "flops_per_image": flops / args.n, "cache_bytes_per_image": stats["cache_bytes_per_image"],
-                   "full_steps": stats["full_steps"], **tune}
-            rows.append(row)
-            configs.append((row, cfg, tau))
-            log(f"{name:10s} target {target:2d}: nfc {row['nfc']:.1f} fid_to_fp {row['fid_to_fp']:.4f} "
-                f"psnr {row['psnr']:.2f} acc {row['class_accuracy']:.3f} fid_data {row['fid_data']:.3f}"
-                + (f" tau {tau:.4g}" if tau is not None else ""))
-            write_json(args.json, {"rows": rows, "complete": False})
+        for gran in grans:
+            for name in methods:
+                row = {"method": name, "target_nfc": target, **({} if gran is None else {"granularity": gran})}
+                label = f"{name} target {target}" + ("" if gran is None else f" ({gran})")
+                cfg = cache_config(name, target, args, gran)
+                run_row(row, lambda: measure(rm, sampler, fp, cfg, target, args.n), label)
+                rows.append(row)
+                if "error" not in row:
+                    configs.append((row, cfg, row["tau"]))
+                    log(f"{label}: nfc {row['nfc']:.1f} fid_to_fp {fmt(row['fid_to_fp'])} psnr {fmt(row['psnr'])} "
+                        f"acc {fmt(row['class_accuracy'])} fid_data {fmt(row['fid_data'])}"
+                        + (f" tau {row['tau']:.4g}" if row["tau"] is not None else ""))
+                write_json(args.json, {"rows": rows, "complete": False})
 
     log(f"latency: {len(configs)} configurations x {args.repeats} rounds of {args.latency_samples} images")
-    times: list[list[float]] = [[] for _ in configs]
-    lat_nfc: list[float] = [0.0] * len(configs)
-    timed(sampler, 2, None, None)  # warm-up
-    if compile_cache:  # compiled graphs are specific to the batch shape: compile them untimed
-        for _, cfg, tau in configs[1:]:
-            timed(sampler, args.latency_samples, cfg, tau)
-    for r in range(args.repeats):
-        for i, (row, cfg, tau) in enumerate(configs):
-            dt, lat_nfc[i] = timed(sampler, args.latency_samples, cfg, tau)
-            times[i].append(dt)
-        log(f"round {r + 1}/{args.repeats}: FP {times[0][-1]:.2f}s")
-    fp_time = statistics.median(times[0])
-    for (row, _, _), ts, nfc in zip(configs, times, lat_nfc):
+    nfcs: list[list[float]] = [[] for _ in configs]
+    errors: list[list[str]] = [[] for _ in configs]
+    runs = [timed_run(sampler, args.latency_samples, cfg, tau, out, err)
+            for (_, cfg, tau), out, err in zip(configs, nfcs, errors)]
+    warm = [timed_run(sampler, 2, None, None, [])]
+    if args.cache_compile == "on":  # compiled graphs are specific to the batch shape: compile them untimed
+        warm += runs[1:]
+    times = interleaved_times(runs, args.repeats, warmup=warm, device=sampler.device)
+    fp_time = statistics.median(times[0]) if not errors[0] else None
+    for (row, _, _), ts, nfc, err in zip(configs, times, nfcs, errors):
+        if err or fp_time is None:
+            row["latency_error"] = err[0] if err else f"FP: {errors[0][0]}"
+            continue
         row["latency_s"] = statistics.median(ts)
         row["latency_runs_s"] = ts
-        row["latency_nfc"] = nfc
+        row["latency_nfc"] = nfc[-1]
         row["latency_ratio"] = fp_time / row["latency_s"]
 
     report = {
         "rows": rows, "complete": True, "n": args.n, "steps": sampling.steps, "scheduler": sampling.scheduler,
         "guidance_scale": sampling.guidance_scale, "seed": sampling.seed, "warmup": args.warmup,
         "latency_samples": args.latency_samples, "repeats": args.repeats, "tune_samples": args.tune_samples,
-        "tune_seed": args.tune_seed, "cache_compile": compile_cache, "device": str(loaded.device),
+        "tune_seed": args.tune_seed, "cache_compile": args.cache_compile == "on", "device": str(sampler.device),
+        "family": rm.parts.family.name, "quality": quality_key(rows),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv),
-        "recipe": recipe_to_dict(recipe),
+        "recipe": recipe_to_dict(rm.recipe),
     }
     print_table(rows)
     report["acceptance"] = acceptance(rows)
     write_json(args.json, report)
     if args.plot:
         plot(rows, args.plot)
+
+
+def measure(rm: RecipeModel, sampler: Sampler, fp, cfg: CacheConfig, target: int, n: int) -> dict:
+    """One method's quality row: tau tuned when RCS schedules, n images from the reference noise, compared with it."""
+    tau, tune = None, {}
+    t0 = time.perf_counter()
+    if cfg.rcs and cfg.policy == "rfc":
+        res = tune_tau(sampler, cfg, target)
+        tau = res.tau
+        tune = {"tune_nfc": res.nfc, "tune_probes": len(res.probes), "tune_s": time.perf_counter() - t0}
+    cache = attach_cache(sampler.transformer, cfg, tau=tau)
+    try:
+        with sampler.extra_hooks(cache):
+            out, flops = executed_flops(lambda: sampler.sample(n, progress=False))
+    finally:
+        cache.remove()
+    stats = cache.stats.report()
+    return {"nfc": stats["nfc"], "tau": tau, **rm.compare(fp, rm.pixels(out)), "flops_per_image": flops / n,
+            "cache_bytes_per_image": stats["cache_bytes_per_image"], "full_steps": stats["full_steps"], **tune}
 
 
 def merge(paths: list[str], out: str, plot_path: str | None) -> None:
@@ -185,35 +225,36 @@ def merge(paths: list[str], out: str, plot_path: str | None) -> None:
 
 
 def acceptance(rows: list[dict]) -> dict:
-    """The issue's acceptance checks, computed from the rows (nothing is tuned here)."""
-    by = {(r["method"], r["target_nfc"]): r for r in rows}
+    """The issue's acceptance checks, computed from the rows (nothing is tuned here): per target NFC (and
+    granularity), RFC's quality against TaylorSeer's (FID-to-FP where the rows have it, else PSNR) and RFC's
+    latency against FORA's. Rows that failed are left out."""
+    key = quality_key(rows)
+    by = {(r["method"], r["target_nfc"], r.get("granularity")): r for r in rows if "error" not in r}
     out = {}
-    for t in sorted({r["target_nfc"] for r in rows if r["method"] == "RFC"}, reverse=True):
-        rfc, ts, fora = by.get(("RFC", t)), by.get(("TaylorSeer", t)), by.get(("FORA", t))
-        d = {"rfc_nfc": rfc["nfc"]}
+    for t, g in sorted({(k[1], k[2]) for k in by if k[0] == "RFC"}, key=lambda k: (-k[0], str(k[1]))):
+        rfc, ts, fora = by[("RFC", t, g)], by.get(("TaylorSeer", t, g)), by.get(("FORA", t, g))
+        d = {"rfc_nfc": rfc["nfc"], "quality": key}
         if ts:
-            d.update(rfc_fid_to_fp=rfc["fid_to_fp"], taylorseer_fid_to_fp=ts["fid_to_fp"],
-                     rfc_le_taylorseer=rfc["fid_to_fp"] <= ts["fid_to_fp"])
+            name = "le" if key.startswith("fid") else "ge"
+            d.update({f"rfc_{key}": rfc[key], f"taylorseer_{key}": ts[key],
+                      f"rfc_{name}_taylorseer": better(key, rfc[key], ts[key])})
         if fora and "latency_s" in rfc and "latency_s" in fora:
             d.update(rfc_overhead_over_fora=rfc["latency_s"] / fora["latency_s"] - 1,
                      rfc_latency_nfc=rfc.get("latency_nfc"), rfc_latency_ratio=rfc["latency_ratio"],
                      fora_latency_ratio=fora["latency_ratio"])
-        out[str(t)] = d
+        out[str(t) if g is None else f"{t}/{g}"] = d
     for t, d in out.items():
-        print(f"NFC {t}: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()))
+        print(f"NFC {t}: " + "  ".join(f"{k}={fmt(v)}" for k, v in d.items()))
     return out
 
 
 def print_table(rows: list[dict]) -> None:
-    keys = ("method", "nfc", "fid_to_fp", "psnr", "ssim", "class_accuracy", "fid_data", "latency_ratio")
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k)
-            cells.append(v if isinstance(v, str) else "-" if v is None else f"{v:.4g}" if k != "nfc" else f"{v:.1f}")
-        print("| " + " | ".join(cells) + " |")
+    keys = ["method", "nfc", "fid_to_fp", "psnr", "ssim", "class_accuracy", "fid_data", "latency_ratio"]
+    if any("granularity" in r for r in rows):
+        keys.insert(1, "granularity")
+    if any("error" in r for r in rows):
+        keys.append("error")
+    print(markdown_table(rows, keys, formats={"nfc": lambda v: "-" if v is None else f"{v:.1f}"}))
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -222,14 +263,21 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = quality_key(rows)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name in METHODS:
-        pts = sorted((r["nfc"], r["fid_to_fp"]) for r in rows if r["method"] == name)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set_xlabel("NFC (full computations of 50 steps)")
-    ax.set_ylabel("FID to full precision (lower is better)")
-    ax.set_yscale("log")
+        for g in sorted({r.get("granularity") for r in rows if r["method"] == name}, key=str):
+            pts = sorted((r["nfc"], r[key]) for r in rows
+                         if r["method"] == name and r.get("granularity") == g and "error" not in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name if g is None else f"{name} ({g})")
+    steps = next((r["target_nfc"] for r in rows if r["method"] == "FP"), None)
+    ax.set_xlabel(f"NFC (full computations of {steps} steps)")
+    if key == "fid_to_fp":
+        ax.set_ylabel("FID to full precision (lower is better)")
+        ax.set_yscale("log")
+    else:
+        ax.set_ylabel("PSNR to full precision, dB (higher is better)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

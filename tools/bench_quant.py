@@ -12,7 +12,10 @@ Everything is measured against the full-precision, uncached reference generated 
      with the data (class accuracy, FID);
   4. W8A8 without caching; weight-only W8/W4; the literal "keep conditioning in fp32" variant;
   5. checkpoint bytes per preset against the fp32 safetensors; TAP selection time on a 20 000-row pool.
-Heavy: wrap it in ``flock /tmp/qcache-cpu.lock``.
+Any recipe works (latent and text models: images decoded by the VAE, pools and calibration conditioned like the
+compress pipeline's). FID-to-FP needs the digits judge; elsewhere it is null and the tables compare PSNR. A row that
+fails (out of memory, an untunable cache) keeps its error in the row (``"error"``) and the run goes on.
+Heavy at the defaults: wrap it in ``flock /tmp/qcache-cpu.lock``.
 """
 
 from __future__ import annotations
@@ -26,20 +29,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (DIGITS_RECIPE, ROW_ERRORS, RecipeModel, fmt, markdown_table, one_line, quality_key, run_cli,
+                    run_row, write_json)
+from common import log as _log
 
 from calibration.collect import collect_for_recipe  # noqa: E402
-from calibration.select import column, covered_bins, select_from_config  # noqa: E402
+from calibration.select import covered_bins, select_from_config  # noqa: E402
 from qcache.cache import replay, tune_tau  # noqa: E402
-from qcache.cli import run_cli, write_json  # noqa: E402
-from qcache.evaluate import quality_metrics  # noqa: E402
-from qcache.metrics import compare_sets  # noqa: E402
-from qcache.models import load_model  # noqa: E402
+from qcache.errors import QcacheError  # noqa: E402
 from qcache.quant import checkpoint_bytes, quantize_transformer, save_quantized  # noqa: E402
-from qcache.recipe import QuantConfig, load_recipe  # noqa: E402
+from qcache.recipe import QuantConfig  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
 
 PRESET_BITS = {"W8A8": ("int8", "int8"), "W4A8": ("int4", "int8"), "W8": ("int8", "none"), "W4": ("int4", "none"),
@@ -47,77 +47,93 @@ PRESET_BITS = {"W8A8": ("int8", "int8"), "W4A8": ("int4", "int8"), "W8": ("int8"
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    _log(msg, err=True)
 
 
 class Bench:
+    """The FP reference, the cache schedule and the pools of one recipe, and every quantized row measured on them."""
+
     def __init__(self, args) -> None:
         self.args = args
-        self.recipe = load_recipe(args.recipe)
-        loaded = load_model(replace(self.recipe.model, device="cpu"))
-        self.fp, self.sched = loaded.transformer, loaded.scheduler_config
+        self.rm = RecipeModel.load(args.recipe, device="cpu")
+        self.recipe = self.rm.recipe
+        self.fp, self.sched = self.rm.transformer, self.rm.scheduler_config
         self.n, self.seed = args.n, self.recipe.sampling.seed
         self.schedule = None
+        self.schedule_error: str | None = None
         self.rows: list[dict] = []
 
-    def sampler(self, model, cached: bool) -> Sampler:
-        s = Sampler(model, self.sched, self.recipe.sampling)
-        if cached:
-            replay(s, self.schedule, self.recipe.cache)
-        return s
-
     def generate(self, model, cached: bool):
-        s = self.sampler(model, cached)
-        t0 = time.perf_counter()
-        out = s.sample(self.n, seed=self.seed, progress=False)
-        took = time.perf_counter() - t0
-        nfc = self.schedule.nfc if cached else self.recipe.sampling.steps
-        for h in s.hooks:
-            if hasattr(h, "stats"):
-                nfc = h.stats.mean_nfc()
-            if hasattr(h, "remove"):
-                h.remove()
-        return out, nfc, took
+        """n images (decoded to pixels) of ``model``, with the tuned schedule replayed when ``cached``."""
+        if cached and self.schedule is None:
+            raise QcacheError(f"cache: no schedule to replay ({self.schedule_error})")
+        s = Sampler(model, self.sched, self.recipe.sampling, conditioner=self.rm.conditioner)
+        cache = replay(s, self.schedule, self.recipe.cache) if cached else None
+        try:
+            t0 = time.perf_counter()
+            out = s.sample(self.n, seed=self.seed, progress=False)
+            took = time.perf_counter() - t0
+        finally:
+            if cache is not None:
+                cache.remove()
+        nfc = cache.stats.mean_nfc() if cache is not None else self.recipe.sampling.steps
+        return self.rm.pixels(out), nfc, took
 
-    def measure(self, model, cached: bool, **row) -> dict:
-        samples, nfc, took = self.generate(model, cached)
-        m = {**compare_sets(self.ref.images, samples.images), **quality_metrics(samples)}
-        row = {**row, "cache": "rfc" if cached else "none", "nfc": nfc, **m, "sample_s": round(took, 2)}
+    def measure(self, make_model, cached: bool, **row) -> dict:
+        """One row: ``make_model()`` -> (model, extra row fields), sampled and compared with the reference. A row
+        that fails keeps its error (``"error"``) and the benchmark goes on."""
+        row = {**row, "cache": "rfc" if cached else "none"}
+
+        def fill() -> dict:
+            model, extra = make_model()
+            samples, nfc, took = self.generate(model, cached)
+            return {**extra, "nfc": nfc, **self.rm.compare(self.ref, samples), "sample_s": round(took, 2)}
+
+        run_row(row, fill, label=f"{row.get('weights')}/{row.get('activations')} {row.get('variant')}")
         self.rows.append(row)
         if self.args.json:  # partial results survive an interrupted run
             write_json(Path(self.args.json).with_suffix(".partial.json"), {"rows": self.rows})
-        log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        log("  ".join(f"{k}={fmt(v)}" for k, v in row.items()))
         return row
 
     def quantized(self, cfg: QuantConfig, calib):
         t0 = time.perf_counter()
-        q = quantize_transformer(copy.deepcopy(self.fp), cfg, calib)
+        q = quantize_transformer(copy.deepcopy(self.fp), cfg, calib, guidance=self.recipe.sampling.guidance_scale > 1,
+                                 conditioner=self.rm.conditioner)
         return q, time.perf_counter() - t0
 
     def run(self) -> dict:
         a, cal = self.args, self.recipe.calibration
         t0 = time.perf_counter()
-        self.ref = Sampler(self.fp, self.sched, self.recipe.sampling).sample(self.n, seed=self.seed, progress=False)
+        self.ref = self.rm.pixels(self.rm.sampler().sample(self.n, seed=self.seed, progress=False))
         fp_s = time.perf_counter() - t0
         log(f"FP reference: {self.n} images in {fp_s:.1f}s")
+        same = self.rm.compare(self.ref, self.ref)
         self.rows.append({"weights": "fp32", "activations": "fp32", "selector": "-", "calib_size": 0,
                           "pool": "-", "variant": "reference", "cache": "none",
-                          "nfc": self.recipe.sampling.steps, **quality_metrics(self.ref),
-                          "fid_to_fp": 0.0, "psnr": 100.0, "ssim": 1.0, "sample_s": round(fp_s, 2)})
+                          "nfc": self.recipe.sampling.steps, **same,
+                          "fid_to_fp": None if same["fid_to_fp"] is None else 0.0, "psnr": 100.0, "ssim": 1.0,
+                          "sample_s": round(fp_s, 2)})
         cc = self.recipe.cache
-        tuned = tune_tau(Sampler(self.fp, self.sched, self.recipe.sampling), cc, cc.target_nfc)
-        self.schedule = tuned.schedule
-        log(f"tau={tuned.tau:.4g} -> static schedule NFC {self.schedule.nfc}: {list(self.schedule.full_steps)}")
-        self.measure(self.fp, True, weights="fp32", activations="fp32", selector="-", calib_size=0, pool="-",
-                     variant="cache only")
+        tau = None
+        try:
+            tuned = tune_tau(self.rm.sampler(), cc, cc.target_nfc)
+            self.schedule, tau = tuned.schedule, tuned.tau
+            log(f"tau={tau:.4g} -> static schedule NFC {self.schedule.nfc}: {list(self.schedule.full_steps)}")
+        except ROW_ERRORS as exc:  # every cached row records it; the uncached ones still run
+            self.schedule_error = one_line(exc)
+            log(f"cache tuning failed: {self.schedule_error}")
+        self.measure(lambda: (self.fp, {}), True, weights="fp32", activations="fp32", selector="-", calib_size=0,
+                     pool="-", variant="cache only")
 
         t0 = time.perf_counter()
         pool, _ = collect_for_recipe(self.recipe, images=a.pool_images, transformer=self.fp,
-                                     scheduler_config=self.sched, use_cache=True)
+                                     scheduler_config=self.sched, use_cache=self.schedule is not None,
+                                     conditioner=self.rm.conditioner)
         pool_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         naive, _ = collect_for_recipe(self.recipe, images=a.pool_images, transformer=self.fp,
-                                      scheduler_config=self.sched, use_cache=False)
+                                      scheduler_config=self.sched, use_cache=False, conditioner=self.rm.conditioner)
         naive_s = time.perf_counter() - t0
         log(f"pools: cache-aware {len(pool)} rows ({pool_s:.1f}s), uncached {len(naive)} rows ({naive_s:.1f}s)")
         pools = {"cache-aware": pool, "uncached": naive}
@@ -137,26 +153,30 @@ class Bench:
             cfg = replace(self.recipe.quant, preset=preset, **cfg_kw)
             w, act = PRESET_BITS[preset]
             if act == "none":
-                sel, sel_s, method, size, pool_name = None, 0.0, "-", 0, "-"
-            else:
-                sel, sel_s = selection(pool_name, method, size, seed)
-            q, q_s = self.quantized(cfg, sel)
-            extra = {}
-            if sel is not None:
-                cov, bins = covered_bins(pools[pool_name], sel)
-                extra = {"select_s": round(sel_s, 2), "time_bins": f"{cov}/{bins}"}
-            return self.measure(q, cached, weights=w, activations=act, selector=method, calib_size=size,
-                                pool=pool_name, variant=variant, selection_seed=seed, quantize_s=round(q_s, 2),
-                                **extra)
+                method, size, pool_name = "-", 0, "-"
+
+            def make():
+                sel, sel_s = (None, 0.0) if act == "none" else selection(pool_name, method, size, seed)
+                q, q_s = self.quantized(cfg, sel)
+                extra = {"quantize_s": round(q_s, 2)}
+                if sel is not None:
+                    cov, bins = covered_bins(pools[pool_name], sel)
+                    extra.update({"select_s": round(sel_s, 2), "time_bins": f"{cov}/{bins}"})
+                return q, extra
+
+            return self.measure(make, cached, weights=w, activations=act, selector=method, calib_size=size,
+                                pool=pool_name, variant=variant, selection_seed=seed)
 
         for preset in a.presets:
             for size in a.sizes:
                 for method in a.selectors:
                     for seed in range(a.selection_seeds):
                         q_row(preset, "cache-aware", method, size, True, seed=seed)
+        head = {"command": " ".join(sys.argv), "n": self.n, "family": self.rm.parts.family.name, "tau": tau,
+                "nfc": self.schedule.nfc if self.schedule is not None else None,
+                "schedule_error": self.schedule_error}
         if a.no_extras:
-            return {"command": " ".join(sys.argv), "n": self.n, "nfc": self.schedule.nfc, "tau": tuned.tau,
-                    "observer": self.recipe.quant.observer, "rows": self.rows, "checkpoints": []}
+            return {**head, "observer": self.recipe.quant.observer, "rows": self.rows, "checkpoints": []}
         q_row("W8A8", "uncached", "tap", max(a.sizes), False)
         q_row("W8A8", "uncached", "tap", max(a.sizes), True, variant="naive pool")
         for preset in ("W8", "W4"):
@@ -170,10 +190,9 @@ class Bench:
         checkpoints = self.checkpoints(selection("cache-aware", "tap", max(a.sizes), 0)[0])
         timing = self.tap_timing(naive, pool)
         return {
-            "command": " ".join(sys.argv),
-            "n": self.n, "seed": self.seed, "steps": self.recipe.sampling.steps,
+            **head, "seed": self.seed, "steps": self.recipe.sampling.steps,
             "model_source": self.recipe.model.source, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "tau": tuned.tau, "full_steps": list(self.schedule.full_steps), "nfc": self.schedule.nfc,
+            "full_steps": list(self.schedule.full_steps) if self.schedule is not None else None,
             "pool_images": a.pool_images, "pool_rows": {"cache-aware": len(pool), "uncached": len(naive)},
             "pool_seconds": {"cache-aware": round(pool_s, 1), "uncached": round(naive_s, 1)},
             "rows": self.rows, "checkpoints": checkpoints, "tap_timing": timing,
@@ -190,10 +209,16 @@ class Bench:
         with tempfile.TemporaryDirectory() as d:
             for preset in ("W8A8", "W4A8", "W8", "W4"):
                 for variant, kw in variants:
-                    q, _ = self.quantized(replace(self.recipe.quant, preset=preset, **kw), calib)
-                    b = checkpoint_bytes(save_quantized(q, Path(d) / f"{preset}-{len(out)}"))
-                    out.append({"preset": preset, "variant": variant, "bytes": b, "ratio": fp32 / b})
-                    log(f"checkpoint {preset} ({variant}): {b} bytes, {fp32 / b:.2f}x smaller than fp32")
+                    def size(preset=preset, kw=kw) -> dict:
+                        q, _ = self.quantized(replace(self.recipe.quant, preset=preset, **kw), calib)
+                        b = checkpoint_bytes(save_quantized(q, Path(d) / f"{preset}-{len(out)}"))
+                        return {"bytes": b, "ratio": fp32 / b}
+
+                    row = run_row({"preset": preset, "variant": variant}, size, label=f"checkpoint {preset}")
+                    out.append(row)
+                    if "error" not in row:
+                        log(f"checkpoint {preset} ({variant}): {row['bytes']} bytes, {row['ratio']:.2f}x smaller "
+                            f"than fp32")
         return out
 
     def tap_timing(self, naive, cached_pool) -> dict:
@@ -211,35 +236,38 @@ class Bench:
 
 
 def table(result: dict) -> str:
+    """The rows, the means over selection seeds (quality: FID-to-FP where the rows have it, else PSNR) and the
+    checkpoint sizes, as Markdown."""
+    rows = result["rows"]
     cols = ["weights", "activations", "cache", "nfc", "pool", "selector", "calib_size", "variant", "fid_to_fp",
-            "psnr", "ssim", "class_accuracy", "fid_data"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in result["rows"]:
-        vals = []
-        for c in cols:
-            v = r.get(c, "")
-            vals.append(f"{v:.4g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(vals) + " |")
+            "psnr", "ssim", "class_accuracy", "fid_data"] + (["error"] if any("error" in r for r in rows) else [])
+    lines = [markdown_table(rows, cols)]
     lines += ["", "Mean over selection seeds (W*A8 + RFC, cache-aware pool):", "",
               "| weights | calib_size | selector | seeds | fid_to_fp mean | psnr mean | class_accuracy mean |",
               "|---|---|---|---|---|---|---|"]
     groups: dict = {}
-    for r in result["rows"]:
-        if r.get("activations") == "int8" and r.get("pool") == "cache-aware" and r.get("variant") == "default":
+    for r in rows:
+        if (r.get("activations") == "int8" and r.get("pool") == "cache-aware" and r.get("variant") == "default"
+                and "error" not in r):
             groups.setdefault((r["weights"], r["calib_size"], r["selector"]), []).append(r)
+
+    def mean(rs: list[dict], k: str) -> float | None:
+        vals = [x[k] for x in rs if x.get(k) is not None]
+        return sum(vals) / len(vals) if len(vals) == len(rs) else None
+
     for (w, size, sel), rs in groups.items():
-        mean = lambda k: sum(x[k] for x in rs) / len(rs)  # noqa: E731
-        lines.append(f"| {w} | {size} | {sel} | {len(rs)} | {mean('fid_to_fp'):.4g} | {mean('psnr'):.4g} | "
-                     f"{mean('class_accuracy'):.4g} |")
+        lines.append(f"| {w} | {size} | {sel} | {len(rs)} | {fmt(mean(rs, 'fid_to_fp'))} | {fmt(mean(rs, 'psnr'))} | "
+                     f"{fmt(mean(rs, 'class_accuracy'))} |")
     lines += ["", "| preset | variant | bytes | × smaller than fp32 |", "|---|---|---|---|"]
     for c in result["checkpoints"]:
-        lines.append(f"| {c['preset']} | {c['variant']} | {c['bytes']} | {c['ratio']:.2f} |")
+        lines.append(f"| {c['preset']} | {c['variant']} | {c.get('bytes', c.get('error'))} | "
+                     f"{fmt(c.get('ratio'), 3)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"))
+    ap.add_argument("--recipe", default=str(DIGITS_RECIPE))
     ap.add_argument("--n", type=int, default=500, help="images per row (same noise as the FP reference)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--presets", nargs="+", default=["W8A8", "W4A8"])
@@ -267,6 +295,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = bench.run()
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    result["quality"] = quality_key(result["rows"])
     print(table(result))
     if args.json:
         write_json(args.json, result)

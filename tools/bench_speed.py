@@ -38,28 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import (COMMON, FULL, MID, SCHEDULER, interleaved_times, log, one_line, random_dit, run_cli,  # noqa: F401
+                    wall_time, write_json)
 
 from qcache.cache import StaticSchedule, replay, uniform_full_steps  # noqa: E402
-from qcache.cli import run_cli, write_json  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
+from qcache.metrics import psnr  # noqa: E402
 from qcache.quant import (compile_regions, cpu_int_mm_route, forced_cpu_int_mm_route,  # noqa: E402
                           quantize_transformer)
 from qcache.quant.torchao_backend import require_torchao  # noqa: E402
 from qcache.recipe import CacheConfig, QuantConfig, SamplingConfig  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
 
-FULL = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32)  # DiT-XL/2, 256x256
-MID = dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, sample_size=32)  # DiT-S/2, 256x256
-COMMON = dict(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000)
-SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 WARMUP = 2
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 @dataclass
@@ -101,18 +92,12 @@ def device_name(device: torch.device) -> str:
 
 
 def build_base(dims: dict, seed: int, device: torch.device) -> torch.nn.Module:
-    """The random-weight DiT (normal(0, 0.02) everywhere, so no adaLN-Zero gate is zero and every path works)."""
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(**dims, **COMMON)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.eval().requires_grad_(False).to(device)
+    """The random-weight DiT of ``dims`` (``common.random_dit``)."""
+    return random_dit(dims, seed, device)
 
 
-def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool, cpu_baseline: str = "fp32") -> list[Variant]:
+def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool,
+             cpu_baseline: str = "fp32") -> list[Variant]:
     """The model builds of this run; the first one is the baseline (``cpu_baseline``: fp32 or bf16, CPU only)."""
     def ao(preset: str, dtype: str, f8: bool = False) -> QuantConfig:
         return QuantConfig(backend="torchao", preset=preset, compute_dtype=dtype, float8=f8, keep_dtype="float32")
@@ -133,11 +118,6 @@ def variants(gpu_profile: bool, compile_on: bool, float8: bool, int8: bool, cpu_
     if int8:  # float32 around the int8 GEMMs: on CPU faster than bf16 there (the activations' quantization)
         out.append(Variant("int8", "int8 W8A8 (dynamic)", ao("W8A8", "float32"), c))
     return out
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 200 characters of it), for the fallback messages."""
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def compile_works(backend: str, device: torch.device) -> str | None:
@@ -165,13 +145,7 @@ def run_once(sampler: Sampler, schedule: StaticSchedule | None, n: int, seed: in
     ``cache_compile``: the cache's fused step functions (``cache.compile``) on cached steps."""
     cache = replay(sampler, schedule, CacheConfig(compile=cache_compile)) if schedule is not None else None
     try:
-        if sampler.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = sampler.sample(n, seed=seed, progress=False).images
-        if sampler.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt, out = wall_time(lambda: sampler.sample(n, seed=seed, progress=False).images, sampler.device)
     finally:
         if cache is not None:
             sampler.hooks.remove(cache)
@@ -180,10 +154,10 @@ def run_once(sampler: Sampler, schedule: StaticSchedule | None, n: int, seed: in
     return dt, out, nfc
 
 
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    mse = float(((ref - x) ** 2).mean())
-    span = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(span ** 2 / mse)
+def psnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """PSNR of a row's samples against the baseline's (``qcache.metrics.psnr``), over the baseline's value range:
+    the samples are latents of random weights, not images in [-1, 1]."""
+    return psnr(ref, x, data_range=float(ref.max() - ref.min()))
 
 
 def gemm_microbench(device: torch.device, width: int, tokens: int) -> dict:
@@ -192,22 +166,15 @@ def gemm_microbench(device: torch.device, width: int, tokens: int) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(tokens, width, device=device, dtype=dtype)
         b = torch.randn(width, 4 * width, device=device, dtype=dtype)
-        ts = []
-        for _ in range(4):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        out[str(dtype).removeprefix("torch.")] = statistics.median(ts[1:])
+        (ts,) = interleaved_times([lambda: a @ b], 3, warmup=[lambda: a @ b], device=device)
+        out[str(dtype).removeprefix("torch.")] = statistics.median(ts)
     out["bf16_over_fp32"] = out["bfloat16"] / out["float32"]
     return out
 
 
 def forward_microbench(variants_: list[Variant], batch: int, sample: int, device: torch.device) -> dict:
-    """Seconds of one model call (2 x batch rows, as with CFG) per variant; on CPU also int8 with torch._int_mm."""
+    """Seconds of one model call (2 x batch rows, as with CFG) per variant; on CPU also int8 with torch._int_mm.
+    (tools/step_costs.py times the calls of whole sampling runs, full and cached.)"""
     x = torch.randn(2 * batch, COMMON["in_channels"], sample, sample, device=device)
     t = torch.full((2 * batch,), 500, device=device)
     y = torch.arange(2 * batch, device=device) % 1000
@@ -215,15 +182,12 @@ def forward_microbench(variants_: list[Variant], batch: int, sample: int, device
 
     def once(m: torch.nn.Module) -> float:
         dtype = next(m.parameters()).dtype
-        with torch.no_grad():
-            m(x.to(dtype), timestep=t, class_labels=y)  # warm-up (and compilation)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            m(x.to(dtype), timestep=t, class_labels=y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
+
+        def call():
+            with torch.no_grad():
+                return m(x.to(dtype), timestep=t, class_labels=y)
+
+        return interleaved_times([call], 1, warmup=[call], device=device)[0][0]  # warm-up: compilation
 
     for v in variants_:
         out[v.name] = once(v.model)
@@ -402,7 +366,7 @@ def make_report(args: argparse.Namespace, configs: list[Config], device: torch.d
             "cache_compile": bool(c.schedule) and cache_compile,
             "runs_s": c.times, "baseline": c is base, "timed_steps": c.timed_steps,
             "extrapolated": c.timed_steps != args.steps,
-            "psnr_vs_baseline_db": psnr(base.output, c.output) if c.timed_steps == args.steps else None,
+            "psnr_vs_baseline_db": psnr_db(base.output, c.output) if c.timed_steps == args.steps else None,
         })
         if fp32 is not None and fp32 is not base:  # a bf16 baseline: the ratios against fp32 too
             rows[-1]["latency_ratio_vs_fp32"] = statistics.median(fp32.times) / lat

@@ -12,17 +12,12 @@ Diagnostics mode runs every module on cached steps as well and keeps the relativ
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import DIGITS_RECIPE, RecipeModel, run_cli, write_json
 
 from qcache.cache import attach_cache, tune_tau  # noqa: E402
-from qcache.cli import run_cli, write_json  # noqa: E402
-from qcache.models import load_model  # noqa: E402
-from qcache.recipe import CacheConfig, load_recipe  # noqa: E402
+from qcache.recipe import CacheConfig  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
 
 
@@ -41,7 +36,7 @@ def curves(sampler: Sampler, cfg: CacheConfig, n: int, seed: int, full_steps=Non
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(REPO / "recipes" / "digits.yaml"))
+    ap.add_argument("--recipe", default=str(DIGITS_RECIPE))
     ap.add_argument("--source", default=None)
     ap.add_argument("--nfc", type=int, default=10)
     ap.add_argument("--n", type=int, default=64)
@@ -49,11 +44,7 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe)
-    if args.source:
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, source=args.source))
-    loaded = load_model(recipe.model)
-    sampler = Sampler(loaded.transformer, loaded.scheduler_config, dataclasses.replace(recipe.sampling, batch_size=args.n))
+    sampler = RecipeModel.load(args.recipe, source=args.source).sampler(batch_size=args.n)
     rfc = CacheConfig(policy="rfc", order=2, target_nfc=args.nfc, tune_samples=args.n)
     res = tune_tau(sampler, rfc, args.nfc)
     runs = {"RFC": curves(sampler, rfc, args.n, args.seed, tau=res.tau)}

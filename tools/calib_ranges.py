@@ -16,25 +16,21 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import DIGITS_RECIPE, RecipeModel, run_cli, write_json
 
 from calibration.select import column  # noqa: E402
 from calibration.selectors import time_bins  # noqa: E402
-from qcache.cli import write_json  # noqa: E402
-from qcache.models import load_model  # noqa: E402
 from qcache.pipeline import build_pool, select_calibration  # noqa: E402
 from qcache.quant import observe_ranges, plan_quantization, run_calibration  # noqa: E402
-from qcache.recipe import load_recipe  # noqa: E402
 
 
-def ranges(model, names, data, recipe) -> np.ndarray:
+def ranges(model, names, data, recipe, conditioner=None) -> np.ndarray:
     q = recipe.quant
-    r = observe_ranges(model, names, lambda: run_calibration(model, data, recipe.sampling.guidance_scale > 1.0),
+    r = observe_ranges(model, names, lambda: run_calibration(model, data, recipe.sampling.guidance_scale > 1.0,
+                                                             conditioner=conditioner),
                        q.observer, q.percentile)
     return np.array([r[n]["input"] for n in names])
 
@@ -47,22 +43,20 @@ def main() -> None:
     import datasets
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"))
+    ap.add_argument("--recipe", default=str(DIGITS_RECIPE))
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     datasets.disable_progress_bars()
     torch.set_grad_enabled(False)
-    recipe = load_recipe(args.recipe)
-    recipe = replace(recipe, model=replace(recipe.model, device="cpu"))
-    loaded = load_model(recipe.model)
-    fp, sched = loaded.transformer, loaded.scheduler_config
+    rm = RecipeModel.load(args.recipe, device="cpu")
+    recipe, fp, sched, cond = rm.recipe, rm.transformer, rm.scheduler_config, rm.conditioner
     names = [n for n, s in plan_quantization(fp, recipe.quant).items() if s["activations"] != "none"]
     t0 = time.perf_counter()
-    pool, _ = build_pool(recipe, fp, sched)
+    pool, _ = build_pool(recipe, fp, sched, parts=rm.parts)
     print(f"pool: {len(pool)} rows in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    full = ranges(fp, names, pool, recipe)
+    full = ranges(fp, names, pool, recipe, cond)
     pool_t = column(pool, "timestep")
     out = {"pool_rows": len(pool), "modules": len(names), "size": args.size, "observer": recipe.quant.observer,
            "pool_time_hist": hist(pool_t), "selectors": {}}
@@ -71,7 +65,7 @@ def main() -> None:
         for seed in range(args.seeds):
             r = replace(recipe, calibration=replace(recipe.calibration, selector=method, size=args.size, seed=seed))
             sel = select_calibration(r, pool)
-            ratio = ranges(fp, names, sel, recipe) / full
+            ratio = ranges(fp, names, sel, recipe, cond) / full
             rows.append({"seed": seed, "log_range_error": float(np.abs(np.log(ratio)).mean()),
                          "range_ratio_mean": float(ratio.mean()), "range_ratio_min": float(ratio.min()),
                          "range_ratio_max": float(ratio.max()), "time_hist": hist(column(sel, "timestep"))})
@@ -86,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,12 +8,10 @@ Recipes of text-conditional models name the output directory in ``condition.prom
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_cli
 
-from qcache.cli import run_cli  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
 from qcache.families.text import read_prompts, save_prompts  # noqa: E402
 

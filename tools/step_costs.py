@@ -1,35 +1,52 @@
-"""Cost of one full and one cached model call per cache policy, eager and compiled: where a cached step's time goes.
+"""What one step costs: each model call of a sampling run, full or cached, per cache policy; and (``--ops``) the
+cache's own per-module arithmetic against the memory it has to read.
 
     python tools/step_costs.py --model digits --json runs/step_costs_digits.json
     python tools/step_costs.py --model mid --batch 8 --steps 12 --json runs/step_costs_mid.json
+    python tools/step_costs.py --ops --model digits --json docs/results/module_costs_digits.json
+    python tools/module_costs.py --model mid --dtype bfloat16 --json ...    # the same as --ops
 
-Every model call of a sampling run is timed on its own (a sampler hook reads the clock before and after it) and
-labelled full or cached by the cache's ``full_step`` flag; each row reports the median over those calls, pooled
-over ``--repeats`` runs, as milliseconds and as a fraction of the uncached model's call (FP, timed in the same
-rounds). Medians of single calls are far steadier on shared cores than differences of whole runs. The schedule has
-full steps at 0, 1 and every ``--every``-th step after, so both forecast orders are met. ``digits`` is the
-embedded model (batch of --batch images, CFG doubles it); ``mid`` is tools/bench_speed.py's random DiT-S/2 at
-256x256. "module hooks" rows run the same policy without the lean cached-step path (``cache.fast_path: false``). ``predicted_ratio_nfc{N}`` = 50 FP calls / (N full + (50 - N) cached calls): the speed-up these costs
-give at that NFC, before the sampler's own per-step work.
+**Model calls** (the default). Every model call of a sampling run is timed on its own (a sampler hook reads the
+clock before and after it) and labelled full or cached by the cache's ``full_step`` flag; each row reports the
+median over those calls, pooled over ``--repeats`` runs, as milliseconds and as a fraction of the uncached model's
+call (FP, timed in the same rounds). Medians of single calls are far steadier on shared cores than differences of
+whole runs. The schedule has full steps at 0, 1 and every ``--every``-th step after, so both forecast orders are
+met. ``digits`` is the embedded model (batch of --batch images, CFG doubles it); ``mid`` is a random DiT-S/2 at
+256x256 (``common.MID``). "module hooks" rows run the same policy without the lean cached-step path
+(``cache.fast_path: false``). ``predicted_ratio_nfc{N}`` = 50 FP calls / (N full + (50 - N) cached calls): the
+speed-up these costs give at that NFC, before the sampler's own per-step work.
+
+**Cache arithmetic** (``--ops``). For every cacheable module of the model (DiT: attn1 and ff of each block) the state
+each policy keeps is built with random values of the real shapes (``--batch`` images, so 2 x batch rows with CFG;
+``--dtype`` the model's and the state's dtype), and one step's worth of calls (every module once, so that each
+state is read back from memory as in a sampling run, not from cache) of the compiled functions the lean path runs
+(``qcache/cache/fused.py``, ``cache.compile: true``) is timed:
+
+- ``fora``: h + gate * O(t);  ``taylor``: the order-2 forecast, gated and added;
+- ``rfe``: RFE's cached module (builds the module input from h, its distance to I(t), the scaled forecast);
+- ``rfe_input``: only the first half of that (LayerNorm + modulation of h and ||I - I(t)||);
+- ``rfe_update``: RFE's full-step update (new differences, their Gram matrix, ||I(t) - I(t-N)||);
+- ``stream``: a plain sum over the same stored tensors that ``rfe`` reads (O, two differences, I(t)): the memory
+  floor of reading RFE's state once.
+
+Each row has the median milliseconds per step (all modules), the bytes of the activation-sized tensors it reads
+besides the hidden state h (the stored state; the update also reads the new output and input) and the rate that
+gives. Medians of ``--repeats`` interleaved rounds, after compiling outside them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from common import COMMON, MID, interleaved_times, named_model, run_cli, write_json
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from qcache.cache import attach_cache  # noqa: E402
-from qcache.cli import run_cli, write_json  # noqa: E402
+from qcache.cache import attach_cache, fused  # noqa: E402
+from qcache.compiling import compile_fn  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
 from qcache.recipe import CacheConfig, SamplingConfig  # noqa: E402
 from qcache.sampling import Sampler, SamplerHook  # noqa: E402
@@ -57,16 +74,7 @@ class CallTimer(SamplerHook):
 def build(name: str, batch: int, steps: int, precision: str = "model", compile_model: bool = False) -> Sampler:
     """The sampler of one model; ``precision`` (fp32 | bf16 | int8) and ``compile_model`` rebuild it through the
     torchao speed backend, as tools/bench_speed.py's variants."""
-    if name == "digits":
-        from qcache.models import load_model
-        from qcache.recipe import ModelConfig
-
-        loaded = load_model(ModelConfig(source="builtin:digits", device="cpu"))
-        model, sched = loaded.transformer, loaded.scheduler_config
-    else:
-        from bench_speed import MID, SCHEDULER, build_base
-
-        model, sched = build_base(MID, 0, torch.device("cpu")), SCHEDULER
+    model, sched = named_model(name)
     if precision != "model" or compile_model:
         from qcache.quant import compile_regions, quantize_transformer
         from qcache.recipe import QuantConfig
@@ -79,7 +87,8 @@ def build(name: str, batch: int, steps: int, precision: str = "model", compile_m
     return Sampler(model, sched, SamplingConfig(steps=steps, batch_size=batch, guidance_scale=1.5))
 
 
-def main() -> None:
+def calls_main(argv: list[str] | None = None) -> None:
+    """The model-call costs (the default mode)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("digits", "mid"), default="digits")
     ap.add_argument("--batch", type=int, default=100, help="images per batch (CFG doubles the model batch)")
@@ -98,7 +107,7 @@ def main() -> None:
     ap.add_argument("--compile-model", action="store_true",
                     help="regional torch.compile of the model (qcache.quant.compile_regions), as bench_speed's rows")
     ap.add_argument("--json", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.steps < 4 or args.every < 2:
         raise QcacheError("--steps must be >= 4 and --every >= 2")
     sampler = build(args.model, args.batch, args.steps, args.precision, args.compile_model)
@@ -147,7 +156,7 @@ def main() -> None:
             for nfc in (14, 10, 8):
                 row[f"predicted_ratio_nfc{nfc}"] = 50 * fp / (nfc * full + (50 - nfc) * cached)
         rows.append(row)
-    print(f"| config | full call (ms) | / FP | cached call (ms) | / FP | ratio @ NFC 14 | @ 10 | @ 8 |")
+    print("| config | full call (ms) | / FP | cached call (ms) | / FP | ratio @ NFC 14 | @ 10 | @ 8 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c = "–" if r["cached_ms"] is None else f"{r['cached_ms']:.2f} | {r['cached_over_fp']:.3f}"
@@ -158,7 +167,146 @@ def main() -> None:
     write_json(args.json, {"rows": rows, "model": args.model, "batch": args.batch, "steps": args.steps,
                            "full_steps": full_steps, "repeats": args.repeats, "store_dtype": args.store_dtype,
                            "precision": args.precision, "compile_model": args.compile_model,
-                           "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv)})
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "command": " ".join(sys.argv)})
+
+
+# ---- the cache's own arithmetic (--ops) ---------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def model_shape(name: str) -> tuple[int, int, int]:
+    """(tokens, width, cacheable modules) of a model, from its diffusers config."""
+    if name == "digits":
+        from qcache.models import load_model
+        from qcache.recipe import ModelConfig
+
+        cfg = load_model(ModelConfig(source="builtin:digits", device="cpu")).transformer.config
+    else:
+        cfg = SimpleNamespace(**MID, **COMMON)
+    tokens = (cfg.sample_size // cfg.patch_size) ** 2
+    return tokens, cfg.num_attention_heads * cfg.attention_head_dim, 2 * cfg.num_layers
+
+
+def _stream(value: torch.Tensor, diffs: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    return value.float().sum() + diffs.float().sum() + last.float().sum()
+
+
+def _rfe_input(h, ln_w, ln_b, eps, scale, shift, last):
+    return fused._sample_dist(fused._norm_mod(h, ln_w, ln_b, eps, scale, shift), last)
+
+
+class States:
+    """Random per-module states of the given shapes: what RFE keeps (TaylorSeer and FORA keep part of it)."""
+
+    def __init__(self, rows: int, tokens: int, width: int, modules: int, dtype: torch.dtype, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g).to(dtype)
+
+        n = tokens * width
+        self.h = rnd(rows, tokens, width)
+        self.ones, self.zeros = torch.ones(width, dtype=dtype), torch.zeros(width, dtype=dtype)
+        self.w = torch.tensor([2.0, 6.0], dtype=torch.float64)
+        self.spans = torch.tensor([5.0, 10.0], dtype=torch.float64)
+        self.mods = [dict(value=rnd(rows, tokens, width), diffs=rnd(rows, 2, n), last=rnd(rows, tokens, width),
+                          new=rnd(rows, tokens, width), new_in=rnd(rows, tokens, width), old=rnd(rows, 1, n),
+                          gram=torch.rand(rows, 4, generator=g, dtype=torch.float64) + 1,
+                          s=torch.rand(rows, generator=g, dtype=torch.float64),
+                          gate=rnd(rows, 1, width), scale=rnd(rows, 1, width), shift=rnd(rows, 1, width))
+                     for _ in range(modules)]
+        self.act_bytes = self.h.numel() * self.h.element_size()
+
+
+def step_functions(st: States) -> dict[str, tuple[callable, int]]:
+    """name -> (one step over every module, bytes of the activation-sized tensors it reads besides h)."""
+    fora, taylor = fused.compiled("reuse_step"), fused.compiled("taylor_step")
+    rfe, observe = fused.compiled("rfe_norm_step"), fused.compiled("rfe_observe")
+    rfe_input, stream = compile_fn(_rfe_input, fused.BACKEND), compile_fn(_stream, fused.BACKEND)
+    a, m = st.act_bytes, len(st.mods)
+    dt = st.h.dtype
+
+    def run_fora():
+        x = st.h
+        for s in st.mods:
+            x = fora(x, s["gate"], s["value"])
+
+    def run_taylor():
+        x = st.h
+        for s in st.mods:
+            x = taylor(x, s["gate"], s["value"], s["diffs"], st.w)
+
+    def run_rfe():
+        x = st.h
+        for s in st.mods:
+            x = rfe(x, s["gate"], st.ones, st.zeros, 1e-6, s["scale"], s["shift"], s["value"], s["diffs"], st.w,
+                    s["last"], s["gram"], s["s"])
+
+    def run_rfe_input():
+        for s in st.mods:
+            rfe_input(st.h, st.ones, st.zeros, 1e-6, s["scale"], s["shift"], s["last"])
+
+    def run_update():
+        for s in st.mods:
+            observe(s["new"].reshape(s["new"].shape[0], -1), s["value"].reshape(s["value"].shape[0], -1),
+                    s["old"], st.spans, s["new_in"], s["last"], dt)
+
+    def run_stream():
+        for s in st.mods:
+            stream(s["value"], s["diffs"], s["last"])
+
+    return {"fora": (run_fora, m * a), "taylor": (run_taylor, 3 * m * a), "rfe": (run_rfe, 4 * m * a),
+            "rfe_input": (run_rfe_input, m * a), "rfe_update": (run_update, 5 * m * a),
+            "stream": (run_stream, 4 * m * a)}
+
+
+def measure(fns: dict[str, tuple[callable, int]], repeats: int) -> list[dict]:
+    """Median milliseconds per step of each function (interleaved rounds, compiled before them)."""
+    calls = [fn for fn, _ in fns.values()]
+    times = interleaved_times(calls, repeats, warmup=calls + calls)
+    rows = []
+    for (k, (_, nbytes)), ts in zip(fns.items(), times):
+        ms = statistics.median(ts) * 1e3
+        rows.append({"name": k, "ms_per_step": ms, "bytes_read": nbytes, "gb_per_s": nbytes / ms / 1e6})
+    return rows
+
+
+def ops_main(argv: list[str] | None = None) -> None:
+    """The cache-arithmetic costs (``--ops``; ``tools/module_costs.py``)."""
+    ap = argparse.ArgumentParser(description="What the cache's own arithmetic costs per step, module by module")
+    ap.add_argument("--model", choices=("digits", "mid"), default="digits")
+    ap.add_argument("--batch", type=int, default=None, help="images (CFG doubles the rows); digits 100, mid 8")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the model's and the state's dtype")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args(argv)
+    batch = args.batch if args.batch is not None else (100 if args.model == "digits" else 8)
+    if batch < 1 or args.repeats < 1:
+        raise QcacheError("--batch and --repeats must be >= 1")
+    tokens, width, modules = model_shape(args.model)
+    st = States(2 * batch, tokens, width, modules, DTYPES[args.dtype])
+    rows = measure(step_functions(st), args.repeats)
+    print(f"{args.model}: {2 * batch} rows x {tokens} tokens x {width}, {modules} modules, {args.dtype}; "
+          f"one activation {st.act_bytes / 1e6:.2f} MB")
+    print("| part | ms per step | read besides h (MB) | GB/s |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['ms_per_step']:.2f} | {r['bytes_read'] / 1e6:.1f} | "
+              f"{r['gb_per_s']:.1f} |")
+    write_json(args.json, {"rows": rows, "model": args.model, "batch": batch, "rows_per_call": 2 * batch,
+                           "tokens": tokens, "width": width, "modules": modules, "dtype": args.dtype,
+                           "activation_bytes": st.act_bytes, "repeats": args.repeats, "backend": fused.BACKEND,
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "command": " ".join(sys.argv)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``--ops``: the cache-arithmetic costs; otherwise the model-call costs."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ops" in argv:
+        return ops_main([a for a in argv if a != "--ops"])
+    return calls_main(argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import run_cli
 from safetensors.torch import save_file
 
 from qcache.classifier import CLASSIFIER_PATH, DigitsCNN
@@ -61,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

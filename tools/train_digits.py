@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import run_cli
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
@@ -118,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
