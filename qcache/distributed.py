@@ -122,6 +122,8 @@ class Dist:
         err: BaseException | None = None
         try:
             yield
+        except PeerError:
+            raise  # every rank saw it at the same exchange: no second one
         except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
             err = e
         self.check(err)

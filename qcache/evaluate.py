@@ -98,7 +98,11 @@ def flops_per_image(sampler: Sampler, seed: int = 0) -> int:
 def evaluate_sampler(sampler: Sampler, n: int, eval_cfg: EvalConfig, progress: bool = True,
                      desc: str = "sampling", parts=None) -> tuple[dict, SampleSet]:
     """Sample n images and measure them; returns (metrics, samples as images: decoded when ``parts`` has a VAE)."""
-    samples = sampler.sample(n, progress=progress, desc=desc)
+    from .distributed import sample_parallel
+
+    samples = sample_parallel(sampler, n, progress=progress, desc=desc)  # split by batch over launched processes
+    if samples is None:  # a rank > 0 of a data-parallel run: rank 0 measures
+        return {}, None
     if parts is not None:
         samples = SampleSet(parts.to_pixels(samples.images), samples.labels)
     metrics = quality_metrics(samples, sampler.conditioner)
@@ -115,6 +119,8 @@ def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True)
     parts = load_parts(loaded, recipe.condition)
     sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
     metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress, parts=parts)
+    if samples is None:  # a rank > 0 of a data-parallel run
+        return None, None
     report = {
         "qcache_version": __version__,
         "model_source": recipe.model.source,
@@ -146,8 +152,17 @@ def main() -> None:
         from .errors import QcacheError
 
         raise QcacheError(f"--n: must be >= 2 (FID needs two samples), got {args.n}")
+    from .distributed import current
+
+    with current().guard():  # an error on any rank stops every rank; rank 0 alone measures and writes
+        _evaluate_main(args)
+
+
+def _evaluate_main(args) -> None:
     recipe = load_recipe(args.recipe)
     report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress)
+    if report is None:
+        return
     keys = ("class_accuracy", "fid_data", "latency_s", "flops_per_image")
     print("  ".join(f"{k}={report[k]:.4g}" if report[k] is not None else f"{k}=null" for k in keys))
     if args.samples:
@@ -161,4 +176,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    from .distributed import main as run_distributed
+
+    run_distributed(main)  # run_cli, with one error line for all processes under accelerate launch / torchrun
