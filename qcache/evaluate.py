@@ -58,6 +58,22 @@ def quality_metrics(samples: SampleSet, conditioner=None) -> dict[str, float | N
     }
 
 
+def selected_metrics(samples: SampleSet, conditioner, eval_cfg: EvalConfig, reference: torch.Tensor | None = None,
+                     device: torch.device | str = "cpu") -> dict[str, float | None]:
+    """The metrics of ``eval.metrics`` other than the digits judge's, from local weights (None when skipped)."""
+    from .errors import QcacheError
+    from .metrics_local import local_metrics
+
+    if not [m for m in eval_cfg.metrics if m not in ("class_accuracy", "fid_data")]:
+        return {}
+    names = getattr(conditioner, "prompts", None)
+    prompts = [names[int(i)] for i in samples.labels] if names else None
+    if reference is not None and tuple(reference.shape) != tuple(samples.images.shape):
+        raise QcacheError(f"--reference: images of shape {tuple(reference.shape)}, the samples are "
+                          f"{tuple(samples.images.shape)}")
+    return local_metrics(samples.images, eval_cfg, prompts=prompts, reference=reference, device=device)
+
+
 def time_sampling(sampler: Sampler, n: int, repeats: int, seed: int = 0) -> float:
     """Median wall time (s) of sampling n images, over ``repeats`` runs after one untimed warm-up step."""
     sampler.sample(min(n, 2), seed=seed, progress=False)  # warm-up: allocator, kernels, lazy inits
@@ -96,8 +112,12 @@ def flops_per_image(sampler: Sampler, seed: int = 0) -> int:
 
 
 def evaluate_sampler(sampler: Sampler, n: int, eval_cfg: EvalConfig, progress: bool = True,
-                     desc: str = "sampling", parts=None) -> tuple[dict, SampleSet]:
-    """Sample n images and measure them; returns (metrics, samples as images: decoded when ``parts`` has a VAE)."""
+                     desc: str = "sampling", parts=None, reference: torch.Tensor | None = None) -> tuple[dict, SampleSet]:
+    """Sample n images and measure them; returns (metrics, samples as images: decoded when ``parts`` has a VAE).
+
+    ``eval_cfg.metrics`` beyond the digits judge (fid, is, clip_score, lpips, psnr, ssim, fid_to_fp) are measured
+    with local weights (``qcache.metrics_local``); ``reference`` is the paired image set the paired ones compare to.
+    """
     from .distributed import sample_parallel
 
     samples = sample_parallel(sampler, n, progress=progress, desc=desc)  # split by batch over launched processes
@@ -106,19 +126,22 @@ def evaluate_sampler(sampler: Sampler, n: int, eval_cfg: EvalConfig, progress: b
     if parts is not None:
         samples = SampleSet(parts.to_pixels(samples.images), samples.labels)
     metrics = quality_metrics(samples, sampler.conditioner)
+    metrics.update(selected_metrics(samples, sampler.conditioner, eval_cfg, reference, sampler.device))
     metrics["latency_s"] = time_sampling(sampler, min(eval_cfg.latency_samples, n), eval_cfg.latency_repeats)
     metrics["latency_samples"] = min(eval_cfg.latency_samples, n)
     metrics["flops_per_image"] = flops_per_image(sampler)
     return metrics, samples
 
 
-def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True) -> tuple[dict, SampleSet]:
-    """Evaluate the full-precision model of ``recipe``; returns (report dict, samples)."""
+def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True,
+                    reference: torch.Tensor | None = None) -> tuple[dict, SampleSet]:
+    """Evaluate the full-precision model of ``recipe``; returns (report dict, samples). ``reference``: a paired
+    image set for the paired metrics of ``eval.metrics``."""
     n = recipe.eval.n if n is None else n
     loaded = load_model(recipe.model)
     parts = load_parts(loaded, recipe.condition)
     sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
-    metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress, parts=parts)
+    metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress, parts=parts, reference=reference)
     if samples is None:  # a rank > 0 of a data-parallel run
         return None, None
     report = {
@@ -147,6 +170,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the metrics to this JSON file")
     ap.add_argument("--samples", default=None, help="also save the samples to this .safetensors file")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--reference", default=None,
+                    help="paired images (.safetensors 'images', e.g. another run's --samples) for lpips/psnr/ssim/fid_to_fp")
     args = ap.parse_args()
     if args.n is not None and args.n < 2:
         from .errors import QcacheError
@@ -160,7 +185,12 @@ def main() -> None:
 
 def _evaluate_main(args) -> None:
     recipe = load_recipe(args.recipe)
-    report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress)
+    reference = None
+    if args.reference:
+        from .metrics_local import read_paired
+
+        reference = read_paired(args.reference)
+    report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress, reference=reference)
     if report is None:
         return
     keys = ("class_accuracy", "fid_data", "latency_s", "flops_per_image")
