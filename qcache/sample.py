@@ -1,6 +1,7 @@
 """Sample many images to PNG shards and to the ADM evaluator's ``.npz``, resumably, on one or many processes.
 
-    python -m qcache.sample SOURCE --n N --out DIR|X.npz [--seed S] [--batch-size B] [--class C] [--raw]
+    python -m qcache.sample SOURCE --n N --out DIR|X.npz [--seed S] [--batch-size B] [--class C | --all-classes]
+                            [--raw] [--live]
     accelerate launch --num_processes K -m qcache.sample SOURCE --n N --out X.npz
 
 SOURCE is an artifact directory or a ``qcache.compress`` output directory (the compressed model, as
@@ -255,6 +256,8 @@ def main() -> None:
                     help=f"images per chunk = shard = model batch (default {DEFAULT_BATCH})")
     ap.add_argument("--class", dest="cls", type=int, default=None,
                     help="class models: every image of this class (default: classes in turn)")
+    ap.add_argument("--all-classes", action="store_true",
+                    help="class models: cycle over every class (FID-50K) instead of the recipe's condition.classes")
     ap.add_argument("--raw", action="store_true", help="also keep the float32 images in each shard")
     ap.add_argument("--live", action="store_true", help="compressed model: run RCS live instead of the schedule")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the source's)")
@@ -281,6 +284,10 @@ def main() -> None:
             if not 0 <= args.cls < classes:
                 raise QcacheError(f"--class: must be in [0, {classes - 1}] for this model, got {args.cls}")
             labels = torch.full((args.n,), args.cls, dtype=torch.long)
+        elif args.all_classes:
+            if source.text:
+                raise QcacheError("--all-classes: the model is text-conditional (its images cycle over its prompts)")
+            labels = torch.arange(args.n) % source.parts.conditioner.num_ids
     seed = source.seed if args.seed is None else args.seed
     summary = sample_to(source, args.n, out, seed, args.batch_size, labels=labels, raw=args.raw,
                         progress=not args.no_progress)
