@@ -43,6 +43,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: Any = None  # the gloo group of the object exchanges (None: the default group, itself gloo on CPU)
 
     @property
     def is_main(self) -> bool:
@@ -69,7 +70,7 @@ class Dist:
         if self.active:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
@@ -78,7 +79,17 @@ class Dist:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the others."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
     def gather_indexed(self, items: dict[int, Any], count: int) -> list[Any] | None:
@@ -86,11 +97,8 @@ class Dist:
         (None on the others). Every index in ``range(count)`` must be held by exactly one rank."""
         if not self.active:
             return [items[i] for i in range(count)]
-        import torch.distributed as dist
-
-        parts: list[Any] = [None] * self.world_size if self.is_main else None
-        dist.gather_object(items, parts, dst=0)
-        if not self.is_main:
+        parts = self.gather(items)
+        if parts is None:
             return None
         merged: dict[int, Any] = {}
         for p in parts:
@@ -175,9 +183,13 @@ def init() -> Dist:
             "1", "true", "yes")
         if use_cuda:
             torch.cuda.set_device(local % torch.cuda.device_count())
+        timeout = datetime.timedelta(seconds=float(os.environ.get("QCACHE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
         if not dist.is_initialized():
-            timeout = datetime.timedelta(seconds=float(os.environ.get("QCACHE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
             dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timeout)
+        # pickled objects (samples, statuses) travel through a gloo group on CPU whatever the device
+        group = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
+        _STATE = Dist(rank, world, local, group)
+        return _STATE
     _STATE = Dist(rank, world, local)
     return _STATE
 

@@ -230,7 +230,7 @@ def sample_to(source: Source, n: int, out: str | Path, seed: int, batch_size: in
                         pixels = source.parts.to_pixels(out_set.images)
                         piece = (start, ids[start:end].tolist(), to_rgb_uint8(pixels), pixels if raw else None)
                         bar.update(end - start)
-                pieces = [piece] if not d.active else d.all_gather(piece)
+                pieces = d.gather(piece)  # to rank 0, the writer
                 with d.guard():
                     if d.is_main:
                         for p in pieces:
