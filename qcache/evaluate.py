@@ -112,7 +112,8 @@ def flops_per_image(sampler: Sampler, seed: int = 0) -> int:
 
 
 def evaluate_sampler(sampler: Sampler, n: int, eval_cfg: EvalConfig, progress: bool = True,
-                     desc: str = "sampling", parts=None, reference: torch.Tensor | None = None) -> tuple[dict, SampleSet]:
+                     desc: str = "sampling", parts=None,
+                     reference: torch.Tensor | None = None) -> tuple[dict, SampleSet]:
     """Sample n images and measure them; returns (metrics, samples as images: decoded when ``parts`` has a VAE).
 
     ``eval_cfg.metrics`` beyond the digits judge (fid, is, clip_score, lpips, psnr, ssim, fid_to_fp) are measured
@@ -171,7 +172,8 @@ def main() -> None:
     ap.add_argument("--samples", default=None, help="also save the samples to this .safetensors file")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ap.add_argument("--reference", default=None,
-                    help="paired images (.safetensors 'images', e.g. another run's --samples) for lpips/psnr/ssim/fid_to_fp")
+                    help="paired images (.safetensors with 'images', e.g. another run's --samples) for the paired "
+                         "metrics of eval.metrics (lpips, psnr, ssim, fid_to_fp)")
     args = ap.parse_args()
     if args.n is not None and args.n < 2:
         from .errors import QcacheError

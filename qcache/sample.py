@@ -156,7 +156,8 @@ def open_source(path: str, batch_size: int, device: str | None, live: bool) -> S
     from . import load
 
     model = load(path, device=device or "auto")
-    return Source("artifact", str(p.resolve()), model.sampler("live" if live else "static", batch_size=batch_size), model.parts,
+    return Source("artifact", str(p.resolve()), model.sampler("live" if live else "static", batch_size=batch_size),
+                  model.parts,
                   model.sampling.seed, model.parts.family.text_conditioned)
 
 
@@ -205,7 +206,8 @@ def sample_to(source: Source, n: int, out: str | Path, seed: int, batch_size: in
             if d.is_main:
                 clean_partial(root)
                 root.mkdir(parents=True, exist_ok=True)
-                check_manifest(root, {"format": FORMAT, "source": source.path, "n": n, "seed": seed, "batch_size": batch_size,
+                check_manifest(root, {"format": FORMAT, "source": source.path, "n": n, "seed": seed,
+                                      "batch_size": batch_size,
                                       "labels_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()})
                 done = finished(root, chunks)
             else:

@@ -19,7 +19,8 @@ import yaml
 from qcache.distributed import Dist, split_batches
 from tests.conftest import REPO
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # equal threads per process: equal kernels
+# equal threads per process: equal kernels; PYTHONPATH: the script of the error test imports this checkout's qcache
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 def free_port() -> int:
