@@ -59,6 +59,22 @@ def quality_metrics(samples: SampleSet, conditioner=None) -> dict[str, float | N
     }
 
 
+def selected_metrics(samples: SampleSet, conditioner, eval_cfg: EvalConfig, reference: torch.Tensor | None = None,
+                     device: torch.device | str = "cpu") -> dict[str, float | None]:
+    """The metrics of ``eval.metrics`` other than the digits judge's, from local weights (None when skipped)."""
+    from .errors import QcacheError
+    from .metrics_local import local_metrics
+
+    if not [m for m in eval_cfg.metrics if m not in ("class_accuracy", "fid_data")]:
+        return {}
+    names = getattr(conditioner, "prompts", None)
+    prompts = [names[int(i)] for i in samples.labels] if names else None
+    if reference is not None and tuple(reference.shape) != tuple(samples.images.shape):
+        raise QcacheError(f"--reference: images of shape {tuple(reference.shape)}, the samples are "
+                          f"{tuple(samples.images.shape)}")
+    return local_metrics(samples.images, eval_cfg, prompts=prompts, reference=reference, device=device)
+
+
 def wall_time(fn: Callable[[], Any], device: torch.device | None = None) -> tuple[float, Any]:
     """Seconds of one call of ``fn`` and its result; CUDA work queued on ``device`` is waited for on both sides."""
     cuda = device is not None and device.type == "cuda"
@@ -109,25 +125,39 @@ def flops_per_image(sampler: Sampler, seed: int = 0) -> int:
 
 
 def evaluate_sampler(sampler: Sampler, n: int, eval_cfg: EvalConfig, progress: bool = True,
-                     desc: str = "sampling", parts=None) -> tuple[dict, SampleSet]:
-    """Sample n images and measure them; returns (metrics, samples as images: decoded when ``parts`` has a VAE)."""
-    samples = sampler.sample(n, progress=progress, desc=desc)
+                     desc: str = "sampling", parts=None,
+                     reference: torch.Tensor | None = None) -> tuple[dict, SampleSet]:
+    """Sample n images and measure them; returns (metrics, samples as images: decoded when ``parts`` has a VAE).
+
+    ``eval_cfg.metrics`` beyond the digits judge (fid, is, clip_score, lpips, psnr, ssim, fid_to_fp) are measured
+    with local weights (``qcache.metrics_local``); ``reference`` is the paired image set the paired ones compare to.
+    """
+    from .distributed import sample_parallel
+
+    samples = sample_parallel(sampler, n, progress=progress, desc=desc)  # split by batch over launched processes
+    if samples is None:  # a rank > 0 of a data-parallel run: rank 0 measures
+        return {}, None
     if parts is not None:
         samples = SampleSet(parts.to_pixels(samples.images), samples.labels)
     metrics = quality_metrics(samples, sampler.conditioner)
+    metrics.update(selected_metrics(samples, sampler.conditioner, eval_cfg, reference, sampler.device))
     metrics["latency_s"] = time_sampling(sampler, min(eval_cfg.latency_samples, n), eval_cfg.latency_repeats)
     metrics["latency_samples"] = min(eval_cfg.latency_samples, n)
     metrics["flops_per_image"] = flops_per_image(sampler)
     return metrics, samples
 
 
-def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True) -> tuple[dict, SampleSet]:
-    """Evaluate the full-precision model of ``recipe``; returns (report dict, samples)."""
+def evaluate_recipe(recipe: Recipe, n: int | None = None, progress: bool = True,
+                    reference: torch.Tensor | None = None) -> tuple[dict, SampleSet]:
+    """Evaluate the full-precision model of ``recipe``; returns (report dict, samples). ``reference``: a paired
+    image set for the paired metrics of ``eval.metrics``."""
     n = recipe.eval.n if n is None else n
     loaded = load_model(recipe.model)
     parts = load_parts(loaded, recipe.condition)
     sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
-    metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress, parts=parts)
+    metrics, samples = evaluate_sampler(sampler, n, recipe.eval, progress=progress, parts=parts, reference=reference)
+    if samples is None:  # a rank > 0 of a data-parallel run
+        return None, None
     report = {
         "qcache_version": __version__,
         "model_source": recipe.model.source,
@@ -155,17 +185,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="write the metrics to this JSON file")
     ap.add_argument("--samples", default=None, help="also save the samples to this .safetensors file")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--reference", default=None,
+                    help="paired images (.safetensors with 'images', e.g. another run's --samples) for the paired "
+                         "metrics of eval.metrics (lpips, psnr, ssim, fid_to_fp)")
     args = ap.parse_args(argv)
     if args.n is not None and not 2 <= args.n <= INT_LIMIT:
         from .errors import QcacheError
 
         bound = ">= 2 (FID needs two samples)" if args.n < 2 else f"<= {INT_LIMIT}"
         raise QcacheError(f"--n: must be {bound}, got {args.n}")
+    from .distributed import current
+
+    with current().guard():  # an error on any rank stops every rank; rank 0 alone measures and writes
+        _evaluate_main(args)
+
+
+def _evaluate_main(args) -> None:
     recipe = load_recipe(args.recipe)
     for flag, path in (("--json", args.json), ("--samples", args.samples)):
         if path:
             check_output_path(path, flag)
-    report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress)
+    reference = None
+    if args.reference:
+        from .metrics_local import read_paired
+
+        reference = read_paired(args.reference)
+    report, samples = evaluate_recipe(recipe, args.n, progress=not args.no_progress, reference=reference)
+    if report is None:
+        return
     keys = ("class_accuracy", "fid_data", "latency_s", "flops_per_image")
     print("  ".join(f"{k}={report[k]:.4g}" if report[k] is not None else f"{k}=null" for k in keys))
     if args.samples:
@@ -179,4 +226,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    from .distributed import main as run_distributed
+
+    run_distributed(main)  # run_cli, with one error line for all processes under accelerate launch / torchrun

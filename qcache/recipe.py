@@ -87,6 +87,18 @@ class EvalConfig:
     n: int = _f(500, ge=2)  # FID needs two samples
     latency_repeats: int = _f(3, ge=1, le=100)
     latency_samples: int = _f(500, ge=1)  # images per timed sampling run
+    # metrics (qcache/metrics_local.py, docs/scale.md); class_accuracy/fid_data: the digits judge, always measured.
+    # fid/is need `inception`, clip_score `clip`, lpips `lpips`; lpips/psnr/ssim/fid_to_fp a paired reference set
+    metrics: list[Literal["class_accuracy", "fid_data", "fid", "is", "clip_score", "lpips", "psnr", "ssim",
+                          "fid_to_fp"]] = _f(["class_accuracy", "fid_data"])
+    inception: str | None = None  # FID Inception-v3 weights (.pth, torch-fidelity's port of the TF graph)
+    fid_reference: str | None = None  # FID reference: image folder, .npz of images (arr_0) or of mu/sigma
+    clip: str | None = None  # local CLIP directory (transformers save_pretrained: model + processor)
+    lpips: str | None = None  # torchvision alexnet/vgg16/squeezenet1_1 state_dict for LPIPS's backbone
+
+    def validate(self, path: str) -> None:
+        if "fid" in self.metrics and self.inception is not None and self.fid_reference is None:
+            raise RecipeError(f"{path}.fid_reference: fid needs reference images or statistics, got none")
 
 
 @dataclass(frozen=True)
