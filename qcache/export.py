@@ -39,10 +39,15 @@ class CompressedScheduler:
         """Scheduler steps taken since the last ``set_timesteps``."""
         return self._index
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> Any:
-        if num_inference_steps is not None and num_inference_steps != self._steps:
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, sigmas: Any = None,
+                      **kwargs: Any) -> Any:
+        # ``sigmas`` is named so that pipelines passing their own (FluxPipeline) see that it is accepted
+        n = len(sigmas) if num_inference_steps is None and sigmas is not None else num_inference_steps
+        if n is not None and n != self._steps:
             raise QcacheError(f"num_inference_steps: the compressed model's cache schedule and VC factors are for "
-                              f"{self._steps} steps, got {num_inference_steps}")
+                              f"{self._steps} steps, got {n}")
+        if sigmas is not None:
+            kwargs["sigmas"] = sigmas
         out = self._inner.set_timesteps(num_inference_steps, *args, **kwargs)
         self.__dict__["_index"] = 0
         if self._cache is not None:
