@@ -311,10 +311,11 @@ def dry_run(name: str, blocks: int | None = None, steps: int = 4, images: int = 
         recipe = dry_recipe(name, work / "pipeline", work, steps, images, device)
         (work / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(work)]
-        proc = subprocess.run(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        (work / "child.log").write_text(proc.stdout)
+        with open(work / "child.log", "w") as child_log:  # the stage lines as they come
+            proc = subprocess.run(cmd, cwd=str(REPO), stdout=child_log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            lines = (work / "child.log").read_text(errors="replace").strip().splitlines()
+            tail = [ln for ln in lines if ln.strip()][-1:] or ["no output"]
             raise QcacheError(f"compress: the dry run of {name} failed: {tail[0]} (log: {work / 'child.log'})")
         res = json.loads((work / "child.json").read_text())
         total = time.perf_counter() - t0
