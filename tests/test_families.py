@@ -321,8 +321,9 @@ def test_quant_plans_keep_conditioning_and_io_layers(pipes):
                  "single_transformer_blocks.1.norm.linear"):
         assert plan[name] == {"weights": "int8", "activations": "none"}, name
     for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
-                 "transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.0.proj", "single_transformer_blocks.0.proj_mlp",
-                 "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.attn.to_v"):
+                 "transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.0.proj",
+                 "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out",
+                 "single_transformer_blocks.0.attn.to_v"):
         assert plan[name] == {"weights": "int8", "activations": "int8"}, name
     sd3 = load_model(ModelConfig(source=str(pipes["sd3"]), device="cpu")).transformer
     plan = plan_quantization(sd3, QuantConfig(preset="W8A8"))
@@ -347,6 +348,14 @@ def test_bad_family_inputs_fail_in_one_line(pipes, tmp_path):
     with pytest.raises(QcacheError, match=r"^condition.max_sequence_length: FLUX's T5 budget is at most 512"):
         load_parts(load_model(ModelConfig(source=str(pipes["flux"]), device="cpu")),
                    ConditionConfig(prompts=str(pipes["prompts"]), max_sequence_length=600))
+    import shutil
+
+    no_t5 = shutil.copytree(pipes["flux"], tmp_path / "flux-no-t5", ignore=shutil.ignore_patterns("text_encoder_2"))
+    with pytest.raises(QcacheError, match=r"^model.source: .*flux-no-t5 has no text_encoder_2/ folder \(FluxPipeline "
+                                          r"encodes prompts with text_encoder, tokenizer, text_encoder_2, "
+                                          r"tokenizer_2\)$"):
+        load_parts(load_model(ModelConfig(source=str(no_t5), device="cpu")),
+                   ConditionConfig(prompts=str(pipes["prompts"])))
     pixart = load_model(ModelConfig(source=str(pipes["pixart"]), device="cpu"))
     with pytest.raises(QcacheError, match=r"^condition.prompts: PixArtTransformer2DModel is text-conditional"):
         load_parts(pixart)
