@@ -14,8 +14,8 @@ The settings are tiny: ``--steps`` denoising steps (fixed cache schedule, half o
 ``--images`` images for the pool, VC, evaluation and latency. On CPU the model runs in float32 (the recipes' fp16/bf16
 is for GPUs).
 
-The compress pipeline runs in a child process, so ``peak_rss_bytes`` (``getrusage`` max RSS) is that of loading the
-pipeline and compressing, not of building the random model. Output (``--json``): ``config``, ``blocks``,
+Building the random pipeline and compressing run in two child processes, so ``peak_rss_bytes`` (``getrusage`` max
+RSS of the second) is that of loading the pipeline and compressing, not of building the random model. Output (``--json``): ``config``, ``blocks``,
 ``params``, ``peak_rss_bytes``, ``cache_bytes_per_image`` (the cache state of one generation divided by its
 images, measured with the compressed model's static schedule), ``artifact_bytes`` (every file of the artifact),
 ``stage_seconds`` (the compress report's stages, plus ``build`` and ``total``), ``stand_ins``.
@@ -290,6 +290,26 @@ def child(work: Path) -> None:
     (work / "child.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
+def _run_child(work: Path, mode: str, log_name: str, what: str) -> None:
+    """``tools/dry_run.py --MODE WORK`` in a fresh process (its memory is its own), logging to ``work/log_name``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", str(work)]
+    with open(work / log_name, "w") as log_file:  # the stage lines as they come
+        proc = subprocess.run(cmd, cwd=str(REPO), stdout=log_file, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        lines = (work / log_name).read_text(errors="replace").strip().splitlines()
+        tail = [ln for ln in lines if ln.strip()][-1:] or ["no output"]
+        raise QcacheError(f"{what}: {tail[0]} (log: {work / log_name})")
+
+
+def build_child(work: Path) -> None:
+    """Build the pipeline described by ``work/build.json``; write its facts to ``work/built.json``."""
+    a = json.loads((work / "build.json").read_text())
+    t0 = time.perf_counter()
+    facts = build_pipeline(a["name"], work / "pipeline", a["blocks"], a["tiny"])
+    facts["build_seconds"] = round(time.perf_counter() - t0, 1)
+    (work / "built.json").write_text(json.dumps(facts) + "\n")
+
+
 def dry_run(name: str, blocks: int | None = None, steps: int = 4, images: int = 2, work: Path | None = None,
             tiny: bool = False, device: str = "auto", keep: bool = False, log=print) -> dict:
     """Build, compress in a child process, and return the figures (see the module docstring)."""
@@ -305,18 +325,14 @@ def dry_run(name: str, blocks: int | None = None, steps: int = 4, images: int = 
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        facts = build_pipeline(name, work / "pipeline", blocks, tiny)
-        build_s = time.perf_counter() - t0
+        (work / "build.json").write_text(json.dumps({"name": name, "blocks": blocks, "tiny": tiny}) + "\n")
+        _run_child(work, "build-child", "build.log", f"build: the random {name} pipeline could not be built")
+        facts = json.loads((work / "built.json").read_text())
+        build_s = facts.pop("build_seconds")
         log(f"built {name}: {facts['params'] / 1e6:.1f}M parameters, {facts} ({build_s:.0f}s)")
         recipe = dry_recipe(name, work / "pipeline", work, steps, images, device)
         (work / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(work)]
-        with open(work / "child.log", "w") as child_log:  # the stage lines as they come
-            proc = subprocess.run(cmd, cwd=str(REPO), stdout=child_log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            lines = (work / "child.log").read_text(errors="replace").strip().splitlines()
-            tail = [ln for ln in lines if ln.strip()][-1:] or ["no output"]
-            raise QcacheError(f"compress: the dry run of {name} failed: {tail[0]} (log: {work / 'child.log'})")
+        _run_child(work, "child", "child.log", f"compress: the dry run of {name} failed")
         res = json.loads((work / "child.json").read_text())
         total = time.perf_counter() - t0
         res["stage_seconds"].update(build=round(build_s, 1), compress=res.pop("compress_seconds"),
@@ -340,9 +356,13 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
     ap.add_argument("--tiny", action="store_true", help="tests only: tiny widths and resolution (not a real size)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--build-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(Path(args.child))
+        return
+    if args.build_child:
+        build_child(Path(args.build_child))
         return
     if not args.config:
         raise QcacheError(f"--config: required, one of {', '.join(CONFIGS)}")
