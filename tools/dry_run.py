@@ -242,9 +242,9 @@ def dry_recipe(name: str, pipe: Path, work: Path, steps: int, images: int, devic
     r["cache"].update(rcs=False, warmup=warmup, target_nfc=max(warmup, steps // 2), tune_samples=images)
     r["cache"].pop("tau", None)
     cal = r["calibration"]
-    cal.update(pool_images=images, size=2 * images, clusters=images, pool_path=None, selection_path=None)
-    for key in ("pool_path", "selection_path"):
-        cal.pop(key)
+    cal.update(pool_images=images, size=2 * images, clusters=images)
+    for key in ("pool_path", "selection_path"):  # the recipe's runs/... copies: not for a dry run
+        cal.pop(key, None)
     r["vc"].update(samples=images)
     return r
 
