@@ -39,10 +39,15 @@ class CompressedScheduler:
         """Scheduler steps taken since the last ``set_timesteps``."""
         return self._index
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> Any:
-        if num_inference_steps is not None and num_inference_steps != self._steps:
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, sigmas: Any = None,
+                      **kwargs: Any) -> Any:
+        # ``sigmas`` is named so that pipelines passing their own (FluxPipeline) see that it is accepted
+        n = len(sigmas) if num_inference_steps is None and sigmas is not None else num_inference_steps
+        if n is not None and n != self._steps:
             raise QcacheError(f"num_inference_steps: the compressed model's cache schedule and VC factors are for "
-                              f"{self._steps} steps, got {num_inference_steps}")
+                              f"{self._steps} steps, got {n}")
+        if sigmas is not None:
+            kwargs["sigmas"] = sigmas
         out = self._inner.set_timesteps(num_inference_steps, *args, **kwargs)
         self.__dict__["_index"] = 0
         if self._cache is not None:
@@ -58,9 +63,19 @@ class CompressedScheduler:
         if i >= len(self._factors):
             raise QcacheError(f"num_inference_steps: VC factors cover {len(self._factors)} steps, step {i} was asked")
         if isinstance(out, tuple):
-            return (compensate(out[0], self._factors[i]), *out[1:])
-        out.prev_sample = compensate(out.prev_sample, self._factors[i])
+            return (_compensate(out[0], self._factors[i]), *out[1:])
+        out.prev_sample = _compensate(out.prev_sample, self._factors[i])
         return out
+
+
+def _compensate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """VC on the pipeline's latents: (B, C, H, W), or FLUX's packed (B, tokens, 4C) 2x2 patches, whose channel c is
+    packed columns 4c..4c+3 (the per-channel spatial mean covers every token and the four patch positions)."""
+    if x.dim() != 3:
+        return compensate(x, k)
+    b, n, c4 = x.shape
+    grid = x.view(b, n, c4 // 4, 4).permute(0, 2, 1, 3)  # (B, C, tokens, 4): a spatial layout of each channel
+    return compensate(grid, k).permute(0, 2, 1, 3).reshape(b, n, c4)
 
 
 def to_pipeline(model, mode: str = "static", vc: bool = True, **from_pretrained: Any):

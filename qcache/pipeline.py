@@ -114,7 +114,7 @@ def quantize_model(recipe: Recipe, fp: torch.nn.Module, selection=None,
     from .quant import quantize_transformer
 
     model = copy.deepcopy(fp)
-    return quantize_transformer(model, recipe.quant, selection, guidance=recipe.sampling.guidance_scale > 1.0,
+    return quantize_transformer(model, recipe.quant, selection, guidance=recipe.sampling.guidance_scale,
                                 conditioner=_parts(parts, fp).conditioner)
 
 

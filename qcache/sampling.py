@@ -1,14 +1,15 @@
 """The denoising loop for diffusion transformers, with hook points for caching and variance compensation.
 
 One ``Sampler`` owns a transformer, a diffusers scheduler (DDIM by default, DDPM, DPM-Solver++; flow-matching Euler
-for flow models), a conditioner and a list of ``SamplerHook`` objects. The model family (``qcache.families``)
-says how one step is called; the conditioner maps integer condition ids (class labels, or indices into a prompt
-list) to conditions and gives the null condition of classifier-free guidance. For every batch it calls, in order::
+for flow models, with the family's sigmas and resolution shift), a conditioner and a list of ``SamplerHook``
+objects. The model family (``qcache.families``) says how one step is called; the conditioner maps integer
+condition ids (class labels, or indices into a prompt list) to conditions and gives the null condition of
+classifier-free guidance. For every batch it calls, in order::
 
     hook.on_start(state)                      once, before the first step
     for each step:
         hook.before_model(state)              state.latents = x_t, state.timestep, state.index
-        model call (CFG: conditional and unconditional halves in one batch)
+        model call (CFG: conditional and unconditional halves in one batch; embedded guidance: the scale is an input)
         hook.after_model(state)               state.model_output = guided prediction (noise, or velocity)
         scheduler step
         hook.after_step(state)                state.latents = x_{t-1}; a hook may replace it
@@ -123,6 +124,8 @@ class Sampler:
         self.hooks: list[SamplerHook] = list(hooks)
         self.family = family_for(transformer)
         self.conditioner = conditioner if conditioner is not None else self.family.default_conditioner(transformer)
+        # guidance-distilled models (FLUX.1-dev) take the scale as an input: no CFG batch
+        self.embedded_guidance = self.family.embeds_guidance(transformer)
         if config.scheduler in SCHEDULERS:
             self.family.check_scheduler(config.scheduler, transformer)
         make_scheduler(config.scheduler, self.scheduler_config)  # fail early on a bad name
@@ -165,10 +168,18 @@ class Sampler:
                 self.hooks.remove(hook)
 
     # ---- one step ------------------------------------------------------------------------------------------
+    @property
+    def cfg_batch(self) -> bool:
+        """Whether a model call carries the null condition's half (CFG); not for embedded-guidance models."""
+        return self.config.guidance_scale > 1.0 and not self.embedded_guidance
+
     def model_condition(self, labels: torch.Tensor | Condition) -> Condition:
-        """The condition of one model call for a batch of ids: with CFG, the conditional rows then the null rows."""
+        """The condition of one model call for a batch of ids: with CFG, the conditional rows then the null rows;
+        for embedded-guidance models, the rows with the guidance scale attached."""
         cond = labels if isinstance(labels, Condition) else self.conditioner.condition(labels)
-        if self.config.guidance_scale > 1.0:
+        if self.embedded_guidance:
+            cond = cond.with_guidance(self.config.guidance_scale)
+        elif self.config.guidance_scale > 1.0:
             cond = cond.cat(self.conditioner.null(len(cond)))
         return cond.to(self.device, self.dtype)
 
@@ -177,7 +188,7 @@ class Sampler:
         """Guided prediction for x_t (noise, or velocity for flow models): conditional and unconditional halves in
         one model call. ``model_cond`` (from ``model_condition``) skips rebuilding the condition every step."""
         s = self.config.guidance_scale
-        cfg = s > 1.0
+        cfg = self.cfg_batch
         x = torch.cat([latents, latents]) if cfg else latents
         cond = self.model_condition(labels) if model_cond is None else model_cond
         t = timestep.expand(x.shape[0]).to(self.device)
@@ -194,7 +205,8 @@ class Sampler:
                 bar: tqdm | None = None) -> torch.Tensor:
         """Run the whole denoising loop on one batch; returns x_0 (float32, on CPU)."""
         scheduler = make_scheduler(self.config.scheduler, self.scheduler_config)
-        extra = self.family.timestep_kwargs(self.scheduler_config, self.sample_shape, self.transformer)
+        extra = self.family.timestep_kwargs(self.scheduler_config, self.sample_shape, self.transformer,
+                                            steps=self.config.steps)
         scheduler.set_timesteps(self.config.steps, device=self.device, **extra)
         latents = noise.to(self.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
         model_cond = self.model_condition(labels.cpu())

@@ -1,9 +1,10 @@
 """Model families end to end on tiny random-weight pipelines of the real diffusers classes (no downloads).
 
-For DiT (latent, learned sigma, 1000 classes + VAE), PixArt-α (T5 text encoder with masks + VAE) and SD3 (joint
-blocks, CLIP + T5, flow matching): compress -> save -> load -> generate, bit-identical between the in-memory and the
-loaded model, images decoded by the VAE; plus the adapter pieces (cache layout, joint-attention packing, quant
-plan, pool rows, one-line errors).
+For DiT (latent, learned sigma, 1000 classes + VAE), PixArt-α (T5 text encoder with masks + VAE), SD3 (joint
+blocks, CLIP + T5, flow matching) and FLUX.1 (double/single-stream blocks, packed latents, embedded guidance or true
+CFG, dynamic shift): compress -> save -> load -> generate, bit-identical between the in-memory and the loaded model,
+images decoded by the VAE; plus the adapter pieces (cache layout, joint-attention packing, quant plan, pool rows,
+one-line errors) and FLUX's sampler against ``FluxPipeline`` itself.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ from qcache.cache import attach_cache, cache_layout
 from qcache.compress import compress
 from qcache.errors import QcacheError
 from qcache.families import ClassConditioner, PromptConditioner, family_for
+from qcache.families.flux import SingleBlockIO, pack_latents, unpack_latents
 from qcache.families.sd3 import JOINT_IO
 from qcache.families.text import save_prompts
 from qcache.models import load_model, load_parts
 from qcache.quant import plan_quantization
 from qcache.recipe import CacheConfig, ConditionConfig, ModelConfig, QuantConfig, SamplingConfig, recipe_from_dict
 from qcache.sampling import Sampler
-from tests.tiny_pipelines import dit_pipeline, pixart_pipeline, prompts, sd3_pipeline
+from tests.tiny_pipelines import dit_pipeline, flux_pipeline, pixart_pipeline, prompts, sd3_pipeline
 
 CLASSES = [207, 360, 387, 974]  # ImageNet ids (golden retriever, otter, lesser panda, geyser)
-BUILD = {"dit": dit_pipeline, "pixart": pixart_pipeline, "sd3": sd3_pipeline}
-SCHEDULER = {"dit": "ddim", "pixart": "ddim", "sd3": "flow-euler"}
+BUILD = {"dit": dit_pipeline, "pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline,
+         "flux-cfg": lambda root: flux_pipeline(root, guidance_embeds=False)}
+SCHEDULER = {"dit": "ddim", "pixart": "ddim", "sd3": "flow-euler", "flux": "flow-euler", "flux-cfg": "flow-euler"}
+PIPELINE_CLASS = {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline",
+                  "flux": "FluxPipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,7 @@ def compressed(fam: str, pipes: dict, runs: dict, tmp_path_factory):
     return runs[fam]
 
 
-@pytest.mark.parametrize("fam", ["dit", "pixart", "sd3"])
+@pytest.mark.parametrize("fam", ["dit", "pixart", "sd3", "flux"])
 def test_compress_save_load_generate(fam, pipes, runs, tmp_path_factory):
     res = compressed(fam, pipes, runs, tmp_path_factory)
     report = json.loads((res.out / "report.json").read_text())
@@ -93,8 +98,7 @@ def test_compress_save_load_generate(fam, pipes, runs, tmp_path_factory):
     assert c["size_ratio"] > 1.3 and c["flops_ratio"] > 1.2
     manifest = json.loads((res.artifact / "manifest.json").read_text())
     assert manifest["family"] == fam and manifest["vae"] is True
-    assert manifest["pipeline_class"] == {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline",
-                                          "sd3": "StableDiffusion3Pipeline"}[fam]
+    assert manifest["pipeline_class"] == PIPELINE_CLASS[fam]
     assert ("prompts.json" in manifest["files"]) == (fam != "dit")
     assert not any(k.startswith(("vae/", "text_encoder")) for k in manifest["files"])  # transformer only
 
@@ -143,9 +147,98 @@ def test_cache_layouts_per_family(pipes):
     assert lay.names == ("transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
                          "transformer_blocks.1.attn", "transformer_blocks.1.ff")  # the last block has no ff_context
     assert lay.watched == "transformer_blocks.0.attn" and lay.io_of("transformer_blocks.0.attn") is JOINT_IO
+    assert lay.blocks == ("transformer_blocks.0", "transformer_blocks.1")
     pixart = load_model(ModelConfig(source=str(pipes["pixart"]), device="cpu")).transformer
     assert cache_layout(pixart).names[:3] == ("transformer_blocks.0.attn1", "transformer_blocks.0.attn2",
                                               "transformer_blocks.0.ff")
+    assert cache_layout(pixart).blocks == ("transformer_blocks.0", "transformer_blocks.1")
+    flux = load_model(ModelConfig(source=str(pipes["flux"]), device="cpu")).transformer
+    lay = cache_layout(flux)
+    assert lay.names == ("transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+                         "single_transformer_blocks.0", "single_transformer_blocks.1")
+    assert lay.blocks == ("transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1")
+    assert lay.watched == "transformer_blocks.0.attn" and lay.io_of("transformer_blocks.0.attn") is JOINT_IO
+    ios = [lay.io_of(f"single_transformer_blocks.{j}") for j in (0, 1)]
+    assert all(isinstance(io, SingleBlockIO) for io in ios) and ios[0] is not ios[1]  # one per block: it keeps state
+    for name in lay.names + lay.blocks:
+        flux.get_submodule(name)  # every name is a real module
+
+
+def test_flux_single_block_io_caches_the_residual(pipes):
+    """The single block's cached quantity is output - input over (text, image) tokens; unpack adds it back."""
+    flux = load_model(ModelConfig(source=str(pipes["flux"]), device="cpu")).transformer
+    block = flux.single_transformer_blocks[0]
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"hidden_states": torch.randn(2, 16, 16, generator=g), "encoder_hidden_states": torch.randn(2, 5, 16,
+              generator=g), "temb": torch.randn(2, 16, generator=g), "image_rotary_emb": None}
+    io = SingleBlockIO()
+    inp = io.input((), kwargs)
+    assert torch.equal(inp, torch.cat([kwargs["encoder_hidden_states"], kwargs["hidden_states"]], 1))
+    with torch.no_grad():
+        out = block(**kwargs)
+    res = io.pack(out)
+    assert res.shape == (2, 21, 16) and torch.equal(res, torch.cat(out, 1) - inp)
+    with pytest.raises(QcacheError, match="packed without its input"):
+        io.pack(out)  # the input of a call is used once
+    io.input((), kwargs)
+    c, h = io.unpack(res, (), kwargs)
+    torch.testing.assert_close(c, out[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(h, out[1], rtol=0, atol=1e-6)
+    x = torch.randn(3, 4, 8, 6, generator=g)
+    assert pack_latents(x).shape == (3, 12, 16) and torch.equal(unpack_latents(pack_latents(x), 8, 6), x)
+
+
+@pytest.mark.parametrize("fam", ["flux", "flux-cfg"])
+def test_flux_sampler_matches_flux_pipeline(fam, pipes):
+    """The same noise through qcache's sampler and diffusers' FluxPipeline (packed latents, txt/img ids, sigmas
+    linspace(1, 1/N, N) with the dynamic shift, embedded guidance or true CFG with the negative prompt)."""
+    from diffusers import FluxPipeline
+
+    from qcache.sampling import make_noise
+
+    s = sampler_for(fam, pipes, steps=4, guidance_scale=3.5)
+    assert s.embedded_guidance == (fam == "flux") and s.cfg_batch == (fam == "flux-cfg")
+    seen = []
+    h = s.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(kw), with_kwargs=True)
+    ours = s.sample(2, seed=3, progress=False, labels=torch.tensor([0, 1])).images
+    h.remove()
+    kw = seen[0]
+    rows = 2 if fam == "flux" else 4  # true CFG: the negative prompt's rows in the same call
+    assert kw["hidden_states"].shape == (rows, 16, 16) and kw["img_ids"].shape == (16, 3)
+    assert kw["encoder_hidden_states"].shape == (rows, 16, 32) and kw["pooled_projections"].shape == (rows, 16)
+    assert torch.equal(kw["txt_ids"], torch.zeros(16, 3))
+    if fam == "flux":
+        assert torch.equal(kw["guidance"], torch.full((2,), 3.5))
+    else:
+        assert kw["guidance"] is None
+        assert torch.equal(kw["encoder_hidden_states"][2:], s.conditioner.negative.embeds.expand(2, -1, -1))
+    pipe = FluxPipeline.from_pretrained(str(pipes[fam]), transformer=s.transformer)
+    extra = {"guidance_scale": 3.5} if fam == "flux" else {"true_cfg_scale": 3.5, "negative_prompt": ""}
+    ref = pipe(prompts(2), latents=pack_latents(make_noise(2, (4, 8, 8), 3)), height=16, width=16,
+               num_inference_steps=4, max_sequence_length=16, output_type="latent", **extra).images
+    torch.testing.assert_close(unpack_latents(ref, 8, 8), ours, atol=1e-5, rtol=0)
+
+
+def test_flux_timesteps_shift_with_the_resolution(pipes):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from qcache.families import family_by_name
+
+    flux = load_model(ModelConfig(source=str(pipes["flux"]), device="cpu"))
+    fam = family_by_name("flux")
+    assert fam.sample_shape(flux.transformer) == (4, 8, 8)
+    small = fam.timestep_kwargs(flux.scheduler_config, (16, 8, 8), flux.transformer, steps=4)
+    big = fam.timestep_kwargs(flux.scheduler_config, (16, 128, 128), flux.transformer, steps=28)
+    assert small["mu"] == calculate_shift(16) and big["mu"] == pytest.approx(1.15)  # 4096 tokens at 1024 px
+    assert list(small["sigmas"]) == [1.0, 0.75, 0.5, 0.25] and len(big["sigmas"]) == 28
+    shifted = {}
+    for name, kw in (("small", small), ("big", big)):
+        from qcache.sampling import make_scheduler
+
+        sch = make_scheduler("flow-euler", flux.scheduler_config)
+        sch.set_timesteps(len(kw["sigmas"]), **kw)
+        shifted[name] = sch.sigmas
+    assert shifted["big"][1] > shifted["small"][1] > 0.75  # more tokens, more shift toward high noise
 
 
 def test_joint_attention_packing_round_trips():
@@ -158,7 +251,7 @@ def test_joint_attention_packing_round_trips():
     assert torch.equal(JOINT_IO.unpack(h, (), {"hidden_states": h}), h)  # SD3.5's attn2: image tokens only
 
 
-@pytest.mark.parametrize("fam", ["pixart", "sd3"])
+@pytest.mark.parametrize("fam", ["pixart", "sd3", "flux", "flux-cfg"])
 def test_every_step_full_is_bit_identical_and_caching_changes_the_output(fam, pipes):
     s = sampler_for(fam, pipes)
     ref = s.sample(3, seed=2, progress=False).images
@@ -218,6 +311,20 @@ def test_dit_uses_null_class_1000_and_the_recipe_classes(pipes):
 
 
 def test_quant_plans_keep_conditioning_and_io_layers(pipes):
+    flux = load_model(ModelConfig(source=str(pipes["flux"]), device="cpu")).transformer
+    plan = plan_quantization(flux, QuantConfig(preset="W8A8"))
+    for name in ("x_embedder", "proj_out", "norm_out.linear"):
+        assert name not in plan, name
+    for name in ("context_embedder", "time_text_embed.timestep_embedder.linear_1",
+                 "time_text_embed.guidance_embedder.linear_2", "time_text_embed.text_embedder.linear_1",
+                 "transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear",
+                 "single_transformer_blocks.1.norm.linear"):
+        assert plan[name] == {"weights": "int8", "activations": "none"}, name
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+                 "transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.0.proj",
+                 "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out",
+                 "single_transformer_blocks.0.attn.to_v"):
+        assert plan[name] == {"weights": "int8", "activations": "int8"}, name
     sd3 = load_model(ModelConfig(source=str(pipes["sd3"]), device="cpu")).transformer
     plan = plan_quantization(sd3, QuantConfig(preset="W8A8"))
     assert "pos_embed.proj" not in plan and "proj_out" not in plan
@@ -236,6 +343,19 @@ def test_bad_family_inputs_fail_in_one_line(pipes, tmp_path):
     with pytest.raises(QcacheError, match=r"^sampling.scheduler: SD3Transformer2DModel \(sd3\) samples with "
                                           r"flow-euler, got 'ddim'$"):
         sampler_for("sd3", pipes, scheduler="ddim")
+    with pytest.raises(QcacheError, match=r"^sampling.scheduler: FluxTransformer2DModel \(flux\) samples with "):
+        sampler_for("flux", pipes, scheduler="ddpm")
+    with pytest.raises(QcacheError, match=r"^condition.max_sequence_length: FLUX's T5 budget is at most 512"):
+        load_parts(load_model(ModelConfig(source=str(pipes["flux"]), device="cpu")),
+                   ConditionConfig(prompts=str(pipes["prompts"]), max_sequence_length=600))
+    import shutil
+
+    no_t5 = shutil.copytree(pipes["flux"], tmp_path / "flux-no-t5", ignore=shutil.ignore_patterns("text_encoder_2"))
+    with pytest.raises(QcacheError, match=r"^model.source: .*flux-no-t5 has no text_encoder_2/ folder \(FluxPipeline "
+                                          r"encodes prompts with text_encoder, tokenizer, text_encoder_2, "
+                                          r"tokenizer_2\)$"):
+        load_parts(load_model(ModelConfig(source=str(no_t5), device="cpu")),
+                   ConditionConfig(prompts=str(pipes["prompts"])))
     pixart = load_model(ModelConfig(source=str(pipes["pixart"]), device="cpu"))
     with pytest.raises(QcacheError, match=r"^condition.prompts: PixArtTransformer2DModel is text-conditional"):
         load_parts(pixart)
@@ -251,7 +371,7 @@ def test_bad_family_inputs_fail_in_one_line(pipes, tmp_path):
         family_for(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("name", ["dit-xl-2-256", "pixart-alpha-512", "sd3-medium"])
+@pytest.mark.parametrize("name", ["dit-xl-2-256", "pixart-alpha-512", "sd3-medium", "flux-dev-1024"])
 def test_shipped_recipes_validate_and_their_prompts_load(name):
     from qcache.families.text import read_prompts
     from qcache.recipe import load_recipe
@@ -264,10 +384,13 @@ def test_shipped_recipes_validate_and_their_prompts_load(name):
     else:
         ps = read_prompts(r.condition.prompts)
         assert len(ps) == len(set(ps)) == 64 and all(len(p.split()) >= 4 for p in ps)
-        assert r.sampling.scheduler == ("flow-euler" if name.startswith("sd3") else "dpmsolver++")
+        assert r.sampling.scheduler == ("dpmsolver++" if name.startswith("pixart") else "flow-euler")
+    if name.startswith("flux"):
+        assert r.model.source == "black-forest-labs/FLUX.1-dev" and r.model.dtype == "bfloat16"
+        assert r.sampling.steps == 28 and r.sampling.guidance_scale == 3.5 and r.condition.max_sequence_length == 512
 
 
-@pytest.mark.parametrize("fam", ["dit", "pixart", "sd3"])
+@pytest.mark.parametrize("fam", ["dit", "pixart", "sd3", "flux"])
 def test_diffusers_pipeline_with_the_compressed_transformer_matches_generate(fam, pipes, runs, tmp_path_factory):
     import numpy as np
 
@@ -285,8 +408,9 @@ def test_diffusers_pipeline_with_the_compressed_transformer_matches_generate(fam
         out = pipe(ids.tolist(), generator=torch.Generator().manual_seed(3), **common).images
     else:
         extra = {"use_resolution_binning": False, "clean_caption": False} if fam == "pixart" else {}
-        out = pipe(prompts(2), latents=make_noise(2, (4, 8, 8), 3), height=16, width=16, max_sequence_length=16,
-                   **common, **extra).images
+        noise = make_noise(2, (4, 8, 8), 3)
+        out = pipe(prompts(2), latents=pack_latents(noise) if fam == "flux" else noise, height=16, width=16,
+                   max_sequence_length=16, **common, **extra).images
     images = torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1
     torch.testing.assert_close(images, ref, atol=1e-4, rtol=0)  # same cache schedule, VC and decoding
     assert pipe.qcache_cache.stats.nfc_per_generation() == [model.nfc] and pipe.scheduler.step_count == 8

@@ -4,7 +4,9 @@
 ``pixart_pipeline``: ``PixArtAlphaPipeline`` (PixArtTransformer2DModel + T5EncoderModel + a T5 tokenizer built here
 from a word-level Unigram vocabulary + AutoencoderKL + DPM-Solver). ``sd3_pipeline``: ``StableDiffusion3Pipeline``
 (SD3Transformer2DModel + two CLIP text encoders with projection and CLIP BPE tokenizers built here + T5 + VAE +
-FlowMatchEulerDiscreteScheduler). Weights are drawn with a fixed seed, so every build is the same model.
+FlowMatchEulerDiscreteScheduler). ``flux_pipeline``: ``FluxPipeline`` (FluxTransformer2DModel with or without the
+guidance embedding + CLIPTextModel (pooled) + T5 + VAE with shift + FlowMatchEulerDiscreteScheduler with FLUX.1's
+dynamic shifting). Weights are drawn with a fixed seed, so every build is the same model.
 """
 
 from __future__ import annotations
@@ -86,6 +88,39 @@ def tiny_clip(hidden: int = 16, vocab: int = 64, max_length: int = 48, seed: int
                          num_attention_heads=2, max_position_embeddings=max_length, projection_dim=hidden,
                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return CLIPTextModelWithProjection(cfg).eval()
+
+
+def tiny_clip_text(hidden: int = 16, vocab: int = 64, max_length: int = 48, seed: int = 0):
+    """A ``CLIPTextModel`` (FLUX uses its pooled output only)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    return CLIPTextModel(cfg).eval()
+
+
+# FLUX.1-dev's scheduler_config.json (dynamic shifting on the packed image sequence length)
+FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                      num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
+
+def flux_pipeline(root: Path, guidance_embeds: bool = True, sample_size: int = 8) -> Path:
+    """FluxPipeline layout: FLUX transformer (1 double + 2 single blocks; ``guidance_embeds`` as FLUX.1-dev, or true
+    CFG without it) + CLIP (pooled) + T5 + VAE (4 latent channels, packed to 16) + flow Euler with dynamic shift.
+    ``sample_size`` (latent pixels) goes into the transformer's config.json: FLUX itself has no fixed resolution."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    tr.register_to_config(sample_size=sample_size)
+    FluxPipeline(transformer=_randomize(tr, std=0.1), scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+                 vae=tiny_vae(shift=0.1), text_encoder=tiny_clip_text(seed=1), tokenizer=clip_tokenizer(),
+                 text_encoder_2=tiny_t5(), tokenizer_2=t5_tokenizer()).save_pretrained(root)
+    return root
 
 
 def dit_pipeline(root: Path) -> Path:

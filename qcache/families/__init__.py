@@ -1,6 +1,6 @@
 """Model families: per-architecture adapters for the sampler, the cache, the quantizer and VAE decoding.
 
-``family_for(transformer)`` picks the adapter (DiT, PixArt-α/Σ, SD3) from the transformer's diffusers class;
+``family_for(transformer)`` picks the adapter (DiT, PixArt-α/Σ, SD3, FLUX.1) from the transformer's diffusers class;
 conditions and conditioners (class labels or prompt embeddings, and the null condition of CFG) are in
 ``conditions``; ``parts`` bundles a model's conditioner and VAE decoder. See docs/families.md.
 """

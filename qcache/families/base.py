@@ -11,7 +11,8 @@ A family tells
 - the **quantizer** which modules stay in full precision and which are conditioning (weights only);
 - the **decoder** how latents become images through the pipeline's VAE.
 
-Subclasses live in ``dit.py``, ``pixart.py``, ``sd3.py``; ``registry.py`` picks one from the transformer class.
+Subclasses live in ``dit.py``, ``pixart.py``, ``sd3.py``, ``flux.py``; ``registry.py`` picks one from the
+transformer class.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ DEFAULT_IO = ModuleIO()
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Names of the cacheable modules, in call order, the one whose input drives the step decision, and the
-    ``ModuleIO`` of the modules whose call is not one tensor in, one tensor out."""
+    """Names of the cacheable modules, in call order, the one whose input drives the step decision, the
+    ``ModuleIO`` of the modules whose call is not one tensor in, one tensor out, and the names of the transformer
+    blocks in call order (``blocks``: the units of block / span caching; empty when the family gives none)."""
 
     names: tuple[str, ...]
     watched: str
     io: Mapping[str, ModuleIO] = field(default_factory=dict)
+    blocks: tuple[str, ...] = ()
 
     def io_of(self, name: str) -> ModuleIO:
         return self.io.get(name, DEFAULT_IO)
@@ -95,9 +98,14 @@ class ModelFamily:
                               f"{' | '.join(self.schedulers)}, got {scheduler!r}")
 
     def timestep_kwargs(self, scheduler_config: dict, sample_shape: tuple[int, int, int],
-                        transformer: torch.nn.Module) -> dict:
-        """Extra keyword arguments of ``scheduler.set_timesteps`` (e.g. flow matching's resolution shift)."""
+                        transformer: torch.nn.Module, steps: int | None = None) -> dict:
+        """Extra keyword arguments of ``scheduler.set_timesteps`` for ``steps`` steps (e.g. flow matching's
+        resolution shift, FLUX's sigmas)."""
         return {}
+
+    def embeds_guidance(self, transformer: torch.nn.Module) -> bool:
+        """Whether the guidance scale is a model input (guidance-distilled checkpoints: no CFG batch)."""
+        return False
 
     def forward(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """One model call on a batch: returns the raw output (N, C', H, W) in the model's dtype."""

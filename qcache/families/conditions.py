@@ -34,6 +34,10 @@ class Condition:
     def cat(self, other: "Condition") -> "Condition":
         raise NotImplementedError
 
+    def with_guidance(self, scale: float) -> "Condition":
+        """The same condition with an embedded guidance scale (guidance-distilled models, e.g. FLUX.1-dev)."""
+        raise QcacheError(f"sampling.guidance_scale: {type(self).__name__} cannot carry an embedded guidance scale")
+
 
 @dataclass
 class ClassCondition(Condition):
@@ -60,26 +64,35 @@ def _cat_opt(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | N
 
 @dataclass
 class TextCondition(Condition):
-    """Text-encoder output: ``embeds`` (N, L, D), ``mask`` (N, L) with 1 = keep (or None), ``pooled`` (N, P) or None."""
+    """Text-encoder output: ``embeds`` (N, L, D), ``mask`` (N, L) with 1 = keep (or None), ``pooled`` (N, P) or None;
+    ``guidance`` (N,) float32: the embedded guidance scale of guidance-distilled models (None otherwise)."""
 
     embeds: torch.Tensor
     mask: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.embeds)
 
     def select(self, idx: torch.Tensor) -> "TextCondition":
         return TextCondition(self.embeds[idx], None if self.mask is None else self.mask[idx],
-                             None if self.pooled is None else self.pooled[idx])
+                             None if self.pooled is None else self.pooled[idx],
+                             None if self.guidance is None else self.guidance[idx])
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "TextCondition":
+        # the guidance scale stays float32, as FluxPipeline makes it (the model casts it)
         return TextCondition(self.embeds.to(device, dtype), None if self.mask is None else self.mask.to(device),
-                             None if self.pooled is None else self.pooled.to(device, dtype))
+                             None if self.pooled is None else self.pooled.to(device, dtype),
+                             None if self.guidance is None else self.guidance.to(device))
 
     def cat(self, other: Condition) -> "TextCondition":
         return TextCondition(torch.cat([self.embeds, other.embeds]), _cat_opt(self.mask, other.mask),
-                             _cat_opt(self.pooled, other.pooled))
+                             _cat_opt(self.pooled, other.pooled), _cat_opt(self.guidance, other.guidance))
+
+    def with_guidance(self, scale: float) -> "TextCondition":
+        g = torch.full((len(self),), float(scale), dtype=torch.float32, device=self.embeds.device)
+        return TextCondition(self.embeds, self.mask, self.pooled, g)
 
     def expand(self, n: int) -> "TextCondition":
         """One condition (a batch of 1) repeated n times."""

@@ -7,10 +7,11 @@ import torch
 from ..errors import QcacheError
 from .base import ModelFamily
 from .dit import DiTFamily
+from .flux import FluxFamily
 from .pixart import PixArtFamily
 from .sd3 import SD3Family
 
-FAMILIES: tuple[ModelFamily, ...] = (DiTFamily(), PixArtFamily(), SD3Family())
+FAMILIES: tuple[ModelFamily, ...] = (DiTFamily(), PixArtFamily(), SD3Family(), FluxFamily())
 _BY_CLASS = {cls: f for f in FAMILIES for cls in f.transformer_classes}
 _BY_NAME = {f.name: f for f in FAMILIES}
 

@@ -63,7 +63,7 @@ class SD3Family(ModelFamily):
                                         "*norm1_context.linear", "norm_out.linear"))
 
     def timestep_kwargs(self, scheduler_config: dict, sample_shape: tuple[int, int, int],
-                        transformer: torch.nn.Module) -> dict:
+                        transformer: torch.nn.Module, steps: int | None = None) -> dict:
         """Resolution-dependent shift ``mu`` for schedulers with ``use_dynamic_shifting`` (as the pipeline does)."""
         if not scheduler_config.get("use_dynamic_shifting"):
             return {}
@@ -109,4 +109,4 @@ class SD3Family(ModelFamily):
             names.append(f"transformer_blocks.{i}.ff")
             if getattr(block, "ff_context", None) is not None:
                 names.append(f"transformer_blocks.{i}.ff_context")
-        return CacheLayout(tuple(names), names[0], io)
+        return CacheLayout(tuple(names), names[0], io, tuple(f"transformer_blocks.{i}" for i in range(len(blocks))))

@@ -3,7 +3,7 @@
 A source is ``builtin:NAME`` (shipped with qcache), a local directory in diffusers layout (a pipeline directory
 with ``transformer/`` and ``scheduler/``, or a bare transformer directory), or a hub id such as
 ``facebook/DiT-XL-2-256`` loaded with the real ``from_pretrained``. The transformer's diffusers class picks its
-model family (``qcache.families``: DiT, PixArt, SD3). ``load_parts`` then builds what surrounds it: the
+model family (``qcache.families``: DiT, PixArt, SD3, FLUX). ``load_parts`` then builds what surrounds it: the
 conditioner (class labels, or the recipe's prompts through the pipeline's own text encoders) and the VAE decoder
 of latent-space models. Every failure is one line that names ``model.source`` (or the recipe key) and the cause.
 """
@@ -174,8 +174,31 @@ def build_parts(transformer: torch.nn.Module, location: str, device: torch.devic
     if not vae and family.needs_vae:
         raise QcacheError(f"model.source: {type(transformer).__name__} is a latent-space model but {location} has "
                           f"no vae/ folder")
+    if family.text_conditioned and Path(location).is_dir():
+        _check_text_components(family, location)
     conditioner = family.make_conditioner(transformer, location, condition, prompts, device, dtype)
     return ModelParts(family, conditioner, LazyVae(location, device, dtype) if vae else None)
+
+
+# the text components each pipeline class loads from its directory (its own encode_prompt uses all of them)
+TEXT_COMPONENTS = {
+    "PixArtAlphaPipeline": ("text_encoder", "tokenizer"),
+    "PixArtSigmaPipeline": ("text_encoder", "tokenizer"),
+    "StableDiffusion3Pipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                                 "tokenizer_3"),
+    "FluxPipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),  # CLIP (pooled), T5 (sequence)
+}
+
+
+def _check_text_components(family, location: str) -> None:
+    """One line naming the first text encoder / tokenizer folder a local pipeline directory lacks."""
+    from ..families.text import pipeline_class_name
+
+    cls = pipeline_class_name(location, family.pipeline_class)
+    for name in TEXT_COMPONENTS.get(cls, ()):
+        if not (Path(location) / name).is_dir():
+            raise QcacheError(f"model.source: {location} has no {name}/ folder ({cls} encodes prompts with "
+                              f"{', '.join(TEXT_COMPONENTS[cls])})")
 
 
 def load_parts(loaded: LoadedModel, condition: ConditionConfig | None = None, prompts: list[str] | None = None):

@@ -26,9 +26,10 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 # The patterns are per model family (``qcache.families``: ``ModelFamily.quant``). Conditioning: timestep/label/text
 # embedders and adaLN modulation linears (DiT: one per block; PixArt: one shared adaln_single + caption projection;
-# SD3: time_text_embed, context_embedder, norm1/norm1_context linears). Their activations are never quantized;
-# their weights follow ``QuantConfig.conditioning_weights``. Keep: always full precision unless an override names
-# them (patch embedding, final projection). The DiT family's lists, kept here under their old names:
+# SD3: time_text_embed, context_embedder, norm1/norm1_context linears; FLUX: the same plus the single blocks'
+# norm.linear). Their activations are never quantized; their weights follow ``QuantConfig.conditioning_weights``.
+# Keep: always full precision unless an override names them (patch embedding / FLUX's x_embedder, final
+# projection, FLUX's norm_out.linear). The DiT family's lists, kept here under their old names:
 CONDITIONING_PATTERNS: tuple[str, ...] = DiTFamily.quant.conditioning
 KEEP_PATTERNS: tuple[str, ...] = DiTFamily.quant.keep
 CANDIDATE_TYPES = (torch.nn.Linear, torch.nn.Conv2d)

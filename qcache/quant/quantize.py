@@ -25,14 +25,15 @@ MIN_RANGE = 1e-8  # a module whose input is all zeros still gets a usable scale
 FORMAT = "qcache-quanto/1"
 
 
-def run_calibration(model: torch.nn.Module, calib, guidance: bool = True, batch_size: int = 128,
+def run_calibration(model: torch.nn.Module, calib, guidance: bool | float = True, batch_size: int = 128,
                     conditioner: "Conditioner | None" = None) -> None:  # noqa: F821 - qcache.families
     """One forward pass of the model over every row of ``calib`` (columns x, timestep and the conditioner's id
     column: ``class_label`` for class models, ``prompt_index`` for text models).
 
     ``conditioner`` (default: the family's class conditioner) turns the ids back into the conditions the rows were
-    sampled with. With ``guidance`` each row also runs with the null condition in the same batch, as the CFG
-    sampler does.
+    sampled with. With ``guidance`` (True, or a guidance scale > 1) each row also runs with the null condition in
+    the same batch, as the CFG sampler does; models that embed the guidance scale (FLUX.1-dev) get the scale
+    (``guidance`` as a float) as an input instead.
     """
     from ..families.registry import family_for
 
@@ -49,7 +50,12 @@ def run_calibration(model: torch.nn.Module, calib, guidance: bool = True, batch_
             rows = ds[start:start + batch_size]
             x, t = rows["x"].to(param.device, param.dtype), rows["timestep"].to(param.device)
             cond = conditioner.condition(rows[col])
-            if guidance:
+            if family.embeds_guidance(model):
+                if isinstance(guidance, bool):
+                    raise QcacheError(f"sampling.guidance_scale: {type(model).__name__} embeds the guidance scale; "
+                                      f"calibration needs its value")
+                cond = cond.with_guidance(float(guidance))
+            elif guidance is True or (not isinstance(guidance, bool) and guidance > 1.0):
                 x, t = torch.cat([x, x]), torch.cat([t, t])
                 cond = cond.cat(conditioner.null(len(rows[col])))
             family.forward(model, x, t, cond.to(param.device, param.dtype))
@@ -79,7 +85,7 @@ def set_output_quantization(model: torch.nn.Module, decisions: dict[str, bool]) 
             m.disable_output_quantization()
 
 
-def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=None, *, guidance: bool = True,
+def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=None, *, guidance: bool | float = True,
                          batch_size: int = 128, conditioner=None) -> torch.nn.Module:
     """Quantize ``transformer`` in place per ``cfg``; activation ranges come from all rows of ``calib``.
 
