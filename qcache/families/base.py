@@ -48,11 +48,15 @@ DEFAULT_IO = ModuleIO()
 @dataclass(frozen=True)
 class CacheLayout:
     """Names of the cacheable modules, in call order, the one whose input drives the step decision, and the
-    ``ModuleIO`` of the modules whose call is not one tensor in, one tensor out."""
+    ``ModuleIO`` of the modules whose call is not one tensor in, one tensor out.
+
+    ``blocks``: the transformer blocks in call order (``cache.granularity: block | span`` caches their residuals);
+    ``io`` may hold a block's ``ModuleIO`` too (its hidden state in and out, as one tensor)."""
 
     names: tuple[str, ...]
     watched: str
     io: Mapping[str, ModuleIO] = field(default_factory=dict)
+    blocks: tuple[str, ...] = ()
 
     def io_of(self, name: str) -> ModuleIO:
         return self.io.get(name, DEFAULT_IO)

@@ -29,4 +29,4 @@ def basic_block_layout(transformer: torch.nn.Module) -> CacheLayout:
         if getattr(block, "attn2", None) is not None:
             names.append(f"transformer_blocks.{i}.attn2")
         names.append(f"transformer_blocks.{i}.ff")
-    return CacheLayout(tuple(names), names[0])
+    return CacheLayout(tuple(names), names[0], blocks=tuple(f"transformer_blocks.{i}" for i in range(len(blocks))))
