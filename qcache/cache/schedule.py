@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 SCHEDULE_FORMAT = "qcache.cache_schedule"
 SCHEDULE_VERSION = 1
-PARAM_KEYS = ("policy", "interval", "order", "warmup", "tau", "target_nfc", "rfe", "rcs", "expansion", "store_dtype")
+PARAM_KEYS = ("policy", "interval", "order", "warmup", "tau", "target_nfc", "rfe", "rcs", "expansion", "store_dtype",
+              "granularity", "fresh_head", "fresh_tail")
 
 
 @dataclass(frozen=True)
