@@ -51,19 +51,13 @@ class CompressedModel:
     def nfc(self) -> int:
         return self.schedule.nfc if self.schedule is not None else self.sampling.steps
 
-    def _attach_cache(self, sampler: Sampler, mode: Mode):
-        from .cache import attach_cache, replay
+    def attach_cache(self, mode: Mode = "static", sampler: Sampler | None = None):
+        """The model's cache on its transformer (``qcache.cache.attach_schedule``: ``static`` replays the schedule,
+        ``live`` runs RCS with the tuned tau), added to ``sampler``'s hooks when given; None without a cache.
+        A context manager: it detaches on exit."""
+        from .cache import attach_schedule
 
-        if self.schedule is None or self.schedule.policy == "none":
-            return None
-        if mode == "static":
-            return replay(sampler, self.schedule, self.cache)
-        if mode != "live":
-            raise QcacheError(f"mode: must be 'static' or 'live', got {mode!r}")
-        cfg = self.schedule.config(self.cache)
-        cache = attach_cache(self.transformer, cfg, tau=cfg.tau)
-        sampler.hooks.append(cache)
-        return cache
+        return attach_schedule(self.transformer, self.schedule, self.cache, mode, sampler)
 
     @contextlib.contextmanager
     def sampler(self, mode: Mode = "static", vc: bool = True, conditioner=None,
@@ -84,14 +78,10 @@ class CompressedModel:
                               f"{cfg.steps} steps")
         s = Sampler(self.transformer, self.scheduler_config, cfg,
                     conditioner=conditioner if conditioner is not None else self.parts.conditioner)
-        cache = self._attach_cache(s, mode)
-        if vc and self.vc_factors is not None:
-            s.hooks.append(VarianceCompensation(self.vc_factors))
-        try:
+        with self.attach_cache(mode, s) or contextlib.nullcontext():
+            if vc and self.vc_factors is not None:
+                s.hooks.append(VarianceCompensation(self.vc_factors))
             yield s
-        finally:
-            if cache is not None:
-                cache.remove()
 
     def pipeline(self, mode: Mode = "static", vc: bool = True, **from_pretrained):
         """The base model's diffusers pipeline (``DiTPipeline``, ``PixArtAlphaPipeline``, ...) around the quantized

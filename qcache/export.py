@@ -87,7 +87,6 @@ def to_pipeline(model, mode: str = "static", vc: bool = True, **from_pretrained:
     """
     import diffusers
 
-    from .cache import attach_cache
     from .models.loading import resolve_location
     from .sampling import make_scheduler
 
@@ -105,15 +104,7 @@ def to_pipeline(model, mode: str = "static", vc: bool = True, **from_pretrained:
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise QcacheError(f"pipeline: cannot load {cls_name} from {model.source}: {first}") from None
-    cache = None
-    if model.schedule is not None and model.schedule.policy != "none":
-        cfg = model.schedule.config(model.cache)
-        if mode == "static":
-            cache = attach_cache(model.transformer, cfg, full_steps=list(model.schedule.full_steps))
-        elif mode == "live":
-            cache = attach_cache(model.transformer, cfg, tau=cfg.tau)
-        else:
-            raise QcacheError(f"mode: must be 'static' or 'live', got {mode!r}")
+    cache = model.attach_cache(mode)  # static / live: qcache.cache.attach_schedule
     scheduler = make_scheduler(model.sampling.scheduler, model.scheduler_config)
     pipe.scheduler = CompressedScheduler(scheduler, model.sampling.steps, cache,
                                          model.vc_factors if vc else None)

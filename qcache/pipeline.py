@@ -123,30 +123,23 @@ def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dic
                    parts: ModelParts | None = None):
     """The static full-step schedule of the recipe's cache on ``model``: replayed, tuned to target_nfc, or recorded.
 
-    ``tau_guess`` starts the tau search (the FP model's tau from the pool stage is a close guess). Returns
-    (schedule or None without a cache, info with tau and the tuning probes).
+    ``tau_guess`` starts the tau search (the FP model's tau from the pool stage is a close guess). A tuned schedule
+    has exactly ``target_nfc`` full steps (``qcache.cache.exact_nfc_schedule``; ``info["method"]``: ``tau`` when a
+    tau gave it, ``trace`` when it was chosen on the RCS error trace). Returns (schedule or None without a cache,
+    info with tau, method and the tuning probes).
     """
-    from .cache import StaticSchedule, attach_cache, record_schedule, tune_tau
+    from .cache import attach_cache, record_schedule, resolve_cache
 
     cfg = recipe.cache
     if cfg.policy == "none":
         return None, {"policy": "none"}
     sampler = _sampler(recipe, model, scheduler_config, _parts(parts, model))
-    if cfg.schedule is not None:
-        schedule = StaticSchedule.load(cfg.schedule)
-        schedule.check(sampler)
-        return schedule, {"policy": schedule.policy, "source": cfg.schedule, "tau": schedule.params.get("tau")}
-    if cfg.policy == "rfc" and cfg.rcs and cfg.tau is None:
-        tuned = tune_tau(sampler, cfg, cfg.target_nfc, start=tau_guess)
-        return tuned.schedule, {"policy": cfg.policy, "tau": tuned.tau, "tune_nfc": tuned.nfc,
-                                "probes": [list(p) for p in tuned.probes]}
-    cache = attach_cache(model, cfg, tau=cfg.tau)
-    try:
-        with sampler.extra_hooks(cache):
-            sampler.sample(cfg.tune_samples, seed=cfg.tune_seed, progress=False)
-    finally:
-        cache.remove()
-    return record_schedule(cache, sampler, tau=cfg.tau), {"policy": cfg.policy, "tau": cfg.tau}
+    setup = resolve_cache(sampler, cfg, tau_guess=tau_guess)
+    if setup.schedule is not None:  # replayed, or tuned to exactly target_nfc full steps
+        return setup.schedule, setup.info()
+    with attach_cache(model, cfg, tau=cfg.tau, sampler=sampler) as cache:  # as given: record one batch's steps
+        sampler.sample(cfg.tune_samples, seed=cfg.tune_seed, progress=False)
+    return record_schedule(cache, sampler, tau=cfg.tau), setup.info()
 
 
 # ---- variance compensation -------------------------------------------------------------------------------------

@@ -127,6 +127,11 @@ class CacheConfig:
     compile: bool = False  # lean path: fuse a cached step's arithmetic with torch.compile (qcache/cache/fused.py)
     tune_samples: int = _f(64, ge=1)  # calibration batch size for tuning tau
     tune_seed: int = _f(1, ge=0, le=MAX_SEED)  # its noise seed (keep it apart from the evaluation seed)
+    # what one cached quantity is: each cacheable module's output, each transformer block's residual, or one
+    # residual for the blocks between fresh_head and fresh_tail (which always run)
+    granularity: Literal["module", "block", "span"] = "module"
+    fresh_head: int = _f(1, ge=0, le=1000)  # span: first blocks run on every step
+    fresh_tail: int = _f(1, ge=0, le=1000)  # span: last blocks run on every step
 
     def validate(self, path: str) -> None:
         needs_tau = self.policy == "rfc" and self.rcs and self.schedule is None

@@ -83,3 +83,40 @@ def executed_flops(fn) -> tuple[object, int]:
     box = []
     flops = count_flops(lambda: box.append(fn()))
     return box[0], flops
+
+
+def unit_state_bytes(mode: str, order: int, in_numel: int, out_numel: int, model_bytes: int, store_bytes: int) -> int:
+    """Bytes one cached unit keeps per batch row once its state is full (``forecast.ModuleState``):
+
+    - ``reuse`` (FORA): the last output;
+    - ``forecast`` (TaylorSeer): the last output and ``order`` differences (in the store dtype);
+    - ``rfe``: those, the last input, and per row RFE's scale (float64) and the differences' Gram matrix
+      (order x order float64).
+
+    A unit is a module's output (``cache.granularity: module``), a block's residual (``block``) or the cached span's
+    residual (``span``); ``in_numel`` / ``out_numel`` are the elements per row of its input and of what is forecast.
+    """
+    if mode == "none":
+        return 0
+    n = out_numel * model_bytes
+    if mode in ("forecast", "rfe"):
+        n += order * out_numel * store_bytes
+    if mode == "rfe":
+        n += in_numel * model_bytes + 8 + order * order * 8
+    return n
+
+
+def rcs_state_bytes(order: int, watched_numel: int, model_bytes: int, store_bytes: int) -> int:
+    """Bytes RCS's forecaster of the watched input keeps per batch row: the last input and ``order`` differences."""
+    return watched_numel * model_bytes + order * watched_numel * store_bytes
+
+
+def cache_bytes_per_image(units: list[tuple[int, int]], mode: str, order: int, model_bytes: int, store_bytes: int,
+                          watched_numel: int | None = None, rows_per_image: int = 1) -> int:
+    """Peak cache state per image: every unit's state plus RCS's (``watched_numel`` given), times the batch rows of
+    one image (2 with classifier-free guidance). ``units``: (in_numel, out_numel) per unit and row. This is the
+    formula of what ``FeatureCache.memory_bytes`` measures on the stored tensors (``CacheStats.bytes_per_image``)."""
+    n = sum(unit_state_bytes(mode, order, i, o, model_bytes, store_bytes) for i, o in units)
+    if watched_numel is not None:
+        n += rcs_state_bytes(order, watched_numel, model_bytes, store_bytes)
+    return n * rows_per_image

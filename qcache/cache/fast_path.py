@@ -7,27 +7,41 @@ bias 0 the two give bit-identical results). ``BlockFastPath`` takes over a block
 
 - it computes the block's adaLN modulation (shift, scale, gate) as the block would;
 - it builds a cacheable module's input only where the forecast reads it (RFE's magnitude, RCS's watched input);
-- it applies each forecast with the block's gate and residual.
+- it applies each forecast with the block's gate and residual (``ModuleState.cached_step``: the formulas of
+  formulas.py, the same the module hooks call).
 
 Full steps, and every step while forecast errors are recorded, run the block's own forward (and so the module
-hooks), untouched. The output equals the module-hook path up to float rounding (``tests/test_cache.py``).
+hooks), untouched. The output is bit-identical to the module-hook path (``tests/test_cache_fast_path.py``).
+
+``LeanPath`` is the part of a ``FeatureCache`` that owns these block hooks. It talks to the cache only through the
+small ``StepControl`` interface (the step, whether it is full, the RCS decision on the watched input).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 
-from . import fused
-
-if TYPE_CHECKING:
-    from .hooks import FeatureCache, _ModuleState
+from . import formulas
+from .forecast import ModuleState
 
 HOOK_NAME = "qcache_block_fast_path"
 NORM_TYPES = ("ada_norm_zero", "ada_norm_single")
+
+
+class StepControl(Protocol):
+    """What the lean path needs from the cache that owns it."""
+
+    step: int  # the current denoising step
+    full: bool  # whether it is a full step (valid once ``decided``)
+    decided: bool  # whether this step's full/cached decision is made
+    compiled: bool  # cache.compile: cached steps through fused.py
+    recording: bool  # forecast errors are being recorded: every block runs its own forward
+
+    def decide(self, watched: torch.Tensor) -> None:
+        """Make this step's decision on the watched module's input (RCS); sets ``full`` and ``decided``."""
 
 
 class _FullAfterAll(Exception):
@@ -35,13 +49,8 @@ class _FullAfterAll(Exception):
 
 
 def layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)``; an affine-free LayerNorm goes through the affine kernel with weight 1, bias 0 (same values,
-    2-3x faster on CPU)."""
-    if norm.weight is not None:
-        return norm(x)
-    d = norm.normalized_shape
-    ones = torch.ones(d, dtype=x.dtype, device=x.device)
-    return F.layer_norm(x, d, ones, torch.zeros_like(ones), norm.eps)
+    """``norm(x)`` as the lean path computes it (``formulas.normalize``)."""
+    return formulas.normalize(x, norm.weight, norm.bias, norm.eps)
 
 
 def eligible(block: torch.nn.Module, names: set[str]) -> bool:
@@ -61,16 +70,18 @@ def eligible(block: torch.nn.Module, names: set[str]) -> bool:
 class BlockFastPath(ModelHook):
     """On one block: its own forward on full steps, the lean forecast-only forward on cached steps."""
 
-    def __init__(self, cache: "FeatureCache", states: dict[str, "_ModuleState"], watched: str | None) -> None:
+    def __init__(self, control: StepControl, workspace: "Workspace", states: dict[str, ModuleState],
+                 watched: str | None) -> None:
         super().__init__()
-        self.cache = cache
+        self.control = control
+        self.workspace = workspace
         self.states = states  # "attn1" / "attn2" / "ff" -> that module's cache state
         self.watched = watched  # the child ("attn1") whose input RCS watches, when it is in this block
 
     def new_forward(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        cache = self.cache
+        c = self.control
         own = self.fn_ref.original_forward
-        if cache.errors is not None or (cache._decided and cache.full) or (not cache._decided and not self.watched):
+        if c.recording or (c.decided and c.full) or (not c.decided and not self.watched):
             return own(hidden_states, *args, **kwargs)
         try:
             return self._cached(block, hidden_states, _block_kwargs(args, kwargs))
@@ -82,47 +93,22 @@ class BlockFastPath(ModelHook):
         """``h + gate * forecast`` of one cacheable module (``h + forecast`` without a gate), the same operations as
         the block's. The module's input is ``norm(h) * (1 + scale) + shift`` (``norm(h)`` without a scale, ``h``
         itself without a norm); it is built only where the forecast or RCS reads it."""
-        cache, state = self.cache, self.states[child]
-        watched = child == self.watched and not cache._decided
-        if cache.cfg.compile and not watched:
-            return self._apply_compiled(state, h, gate, norm, scale, shift)
-        buf = cache.workspace.take(h) if h.dtype in (torch.float32, torch.float64) else None
+        c, state = self.control, self.states[child]
+        watched = child == self.watched and not c.decided
+        if c.compiled and not watched:
+            state.check_ready()
+            args = None if norm is None else (norm.weight, norm.bias, norm.eps, scale, shift)
+            return state.cached_step(c.step, h, gate, inp=h if norm is None else None, compiled=True, norm=args)
+        buf = self.workspace.take(h) if h.dtype in (torch.float32, torch.float64) else None
         inp = None
-        if watched or state.rfe is not None:
+        if watched or state.reads_input:
             # RCS may keep the watched input as its new reference: that one must not live in a workspace buffer
             inp = _module_input(norm, h, scale, shift, None if watched else buf)
         if watched:
-            cache._decide(inp)
-            if cache.full:
+            c.decide(inp)
+            if c.full:
                 raise _FullAfterAll
-        pred = state.forecast(cache.step, inp, out=buf, scratch=buf if inp is not None else None)
-        if buf is None:  # half-precision model: forecasts come in float32, the block runs in its own dtype
-            pred = pred.to(h.dtype)
-            return (pred if gate is None else gate * pred) + h
-        if pred is not buf:  # the stored value itself (FORA, or no differences yet)
-            if gate is None:
-                return torch.add(pred, h, out=buf)
-            torch.mul(pred, gate, out=buf)
-        elif gate is not None:
-            buf.mul_(gate)
-        return buf.add_(h)
-
-    def _apply_compiled(self, state: "_ModuleState", h: torch.Tensor, gate: torch.Tensor | None,
-                        norm: torch.nn.LayerNorm | None, scale: torch.Tensor | None,
-                        shift: torch.Tensor | None) -> torch.Tensor:
-        """``_apply`` through the fused step functions of ``fused.py`` (``cache.compile: true``)."""
-        state.check_ready()
-        f = state.forecaster
-        if f.diffs is None:
-            return fused.compiled("reuse_step")(h, gate, f.value)
-        w = torch.tensor(f.weights(self.cache.step), dtype=torch.float64, device=h.device)
-        rfe = state.rfe
-        if rfe is None or rfe.gram is None:
-            return fused.compiled("taylor_step")(h, gate, f.value, f.diffs, w)
-        rest = (f.value, f.diffs, w, rfe.last_input, rfe.gram, rfe.scale)
-        if norm is None:
-            return fused.compiled("rfe_step")(h, gate, h, *rest)
-        return fused.compiled("rfe_norm_step")(h, gate, norm.weight, norm.bias, norm.eps, scale, shift, *rest)
+        return state.cached_step(c.step, h, gate, inp=inp, out=buf)
 
     def _cached(self, block: torch.nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
         if block.norm_type == "ada_norm_zero":  # DiT
@@ -146,12 +132,7 @@ def _module_input(norm: torch.nn.LayerNorm | None, h: torch.Tensor, scale: torch
     """``norm(h) * (1 + scale) + shift`` as the block computes it (into ``out`` when given and h is not the input)."""
     if norm is None:
         return h
-    x = layer_norm(norm, h)
-    if scale is None:
-        return x
-    if out is None:
-        return x * (1 + scale) + shift
-    return torch.mul(x, 1 + scale, out=out).add_(shift)
+    return formulas.modulate(layer_norm(norm, h), scale, shift, out)
 
 
 class Workspace:
@@ -191,23 +172,33 @@ def _block_kwargs(args: tuple, kwargs: dict) -> dict:
     return out
 
 
-def attach_fast_paths(cache: "FeatureCache", transformer: torch.nn.Module, names: tuple[str, ...],
-                      watched: str, states: dict[str, "_ModuleState"]) -> list[torch.nn.Module]:
-    """Register a ``BlockFastPath`` on every eligible block among the parents of ``names``; returns those blocks."""
-    modules = dict(transformer.named_modules())
-    by_block: dict[str, dict[str, str]] = {}
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        by_block.setdefault(parent, {})[child] = name
-    blocks = []
-    for parent, children in by_block.items():
-        block = modules.get(parent)
-        if block is None or not eligible(block, set(children)):
-            continue
-        own_watched = next((c for c, full in children.items() if full == watched), None)
-        if own_watched not in (None, "attn1"):
-            continue  # RCS must be able to decide before anything in the block is forecast
-        hook = BlockFastPath(cache, {c: states[full] for c, full in children.items()}, own_watched)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, HOOK_NAME)
-        blocks.append(block)
-    return blocks
+class LeanPath:
+    """The lean cached-step path of one cache: a ``BlockFastPath`` on every eligible block among the parents of the
+    cached modules. ``blocks`` lists them (empty where none is eligible); ``remove()`` detaches them."""
+
+    def __init__(self, control: StepControl, transformer: torch.nn.Module, states: dict[str, ModuleState],
+                 watched: str | None) -> None:
+        self.workspace = Workspace()
+        self.blocks: list[torch.nn.Module] = []
+        modules = dict(transformer.named_modules())
+        by_block: dict[str, dict[str, str]] = {}
+        for name in states:
+            parent, _, child = name.rpartition(".")
+            by_block.setdefault(parent, {})[child] = name
+        for parent, children in by_block.items():
+            block = modules.get(parent)
+            if block is None or not eligible(block, set(children)):
+                continue
+            own_watched = next((c for c, full in children.items() if full == watched), None)
+            if own_watched not in (None, "attn1"):
+                continue  # RCS must be able to decide before anything in the block is forecast
+            hook = BlockFastPath(control, self.workspace, {c: states[full] for c, full in children.items()},
+                                 own_watched)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, HOOK_NAME)
+            self.blocks.append(block)
+
+    def remove(self, remove_hook: Any) -> None:
+        """Detach every block hook (``remove_hook(module, name)``) and free the buffers."""
+        for block in self.blocks:
+            remove_hook(block, HOOK_NAME)
+        self.workspace.clear()

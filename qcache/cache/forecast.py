@@ -1,22 +1,26 @@
-"""Forecasting a module's tensor at a cached step from its values at the last full steps.
+"""Forecasting a module's tensor at a cached step from its values at the last full steps, and each module's state.
 
 ``Forecaster`` keeps, for one tensor trajectory f (a module's output, or the watched module's input), the value at
 the last full step and its differences over the last ``order`` gaps. Two expansions:
 
 - ``newton`` (default): Newton divided differences f[x0..xi] and weights prod_{j<i}(x - xj). This is the Taylor
-  forecast of TaylorSeer with derivative estimates that are exact for polynomials, so an order-m forecast reproduces a
-  degree-m polynomial trajectory exactly, also with uneven gaps between full steps.
+  forecast of TaylorSeer (arXiv 2503.06923) with derivative estimates that are exact for polynomials, so an
+  order-m forecast reproduces a degree-m polynomial trajectory exactly, also with uneven gaps between full steps.
 - ``taylor``: TaylorSeer's reference form, D_i = (D_{i-1}(t) - D_{i-1}(t-N)) / N with N the last gap, and weights
   k^i / i!. It is exact to first order only (the second-order term is damped).
 
-The differences of a batch are kept stacked, (B, j, numel), so that a forecast is one fused ``baddbmm`` pass
-(value + coefficients @ differences) whether the coefficients are shared or per sample. They are computed in float32
+The differences of a batch are kept stacked, (B, j, numel), so that a forecast is one fused pass (value +
+coefficients @ differences) whether the coefficients are shared or per sample. They are computed in float32
 and stored in ``store_dtype``; None stores them in bfloat16 for a bfloat16 trajectory (whose values carry no more
 precision than that) and in float32 for every other.
 
-``RelationalEstimator`` adds RFE on top: the forecast keeps the Taylor term's direction and takes its magnitude from
-the change of the module's input, scaled by ||dO|| / ||dI|| of the last two full steps. All norms are per sample
-(dim 0), so every image and each half of a CFG batch gets its own scale.
+``RelationalEstimator`` adds RFE (arXiv 2602.19506) on top: the forecast keeps the Taylor term's direction and takes
+its magnitude from the change of the module's input, scaled by ||dO|| / ||dI|| of the last two full steps. All norms
+are per sample (dim 0), so every image and each half of a CFG batch gets its own scale.
+
+``ModuleState`` is what one cached unit remembers, by mode (``none``, ``reuse`` = FORA, ``forecast`` =
+TaylorSeer's differences, ``rfe``), and the one place a cached step of that unit is computed. The arithmetic itself
+is in formulas.py; its compiled versions (``cache.compile``) in fused.py.
 """
 
 from __future__ import annotations
@@ -25,35 +29,21 @@ import math
 
 import torch
 
+from ..errors import QcacheError
+from . import formulas as fm
+from . import fused
+from .formulas import sample_dist, sample_norm  # noqa: F401 - re-exported (older imports)
 
-def _hi(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors upcast to float32 for the arithmetic; float32/float64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
-def sample_norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Per-sample p-norm over every dimension but the first; shape (B,)."""
-    return torch.linalg.vector_norm(_flat(x), ord=p, dim=1)
-
-
-def sample_dist(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Per-sample ||a - b||_p; shape (B,). (Difference then norm: 2x faster on CPU than ``torch.cdist``.)"""
-    return torch.linalg.vector_norm(_flat(a) - _flat(b), ord=p, dim=1)
+MODES = ("none", "reuse", "forecast", "rfe")
 
 
 def rfe_coefficients(moved: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """RFE's per-sample factor on the forecast's correction term: ``s * ||I(t+k) - I(t)|| / ||dir||``.
+    """See ``formulas.rfe_coefficients`` (kept here for older imports)."""
+    return fm.rfe_coefficients(moved, w, gram, scale)
 
-    ``moved`` is ||I(t+k) - I(t)|| per sample, ``w`` the weights (j,) of the differences, ``gram`` their flattened
-    per-sample Gram matrices (B, j*j), ``scale`` s per sample. Samples with an undefined factor (NaN scale, zero
-    direction) get 1: the plain forecast. Shared by the eager path and the fused one (fused.py)."""
-    dir_norm = (gram @ torch.outer(w, w).reshape(-1)).clamp_min(0).sqrt()
-    c = scale * moved.double() / dir_norm
-    return torch.where(torch.isfinite(c), c, torch.ones_like(c))
+
+def _compiled(fn):
+    return fused.compiled(fn)
 
 
 class Forecaster:
@@ -83,7 +73,8 @@ class Forecaster:
         """Divisors of the 1st..j-th differences of a new value at x."""
         return [x - (self.nodes[0] if self.expansion == "taylor" else self.nodes[i]) for i in range(j)]
 
-    def _next_order(self) -> int:
+    def next_order(self) -> int:
+        """How many differences a new full step gives."""
         return min(self.available + 1, self.order) if self.value is not None else 0
 
     def dtype_for(self, value: torch.Tensor) -> torch.dtype:
@@ -92,42 +83,25 @@ class Forecaster:
             return self.store_dtype
         return torch.bfloat16 if value.dtype == torch.bfloat16 else torch.float32
 
-    def _spans_tensor(self, x: float, j: int, device: torch.device) -> torch.Tensor:
-        """``spans(x, j)`` as the float64 tensor the compiled updates take (fused.py)."""
-        return torch.tensor(self.spans(x, j), dtype=torch.float64, device=device)
+    def new_rows(self, x: float, value: torch.Tensor) -> torch.Tensor | None:
+        """The differences a new value at full step ``x`` gives (None before the second full step)."""
+        j = self.next_order()
+        if j == 0:
+            return None
+        target = self.dtype_for(value)
+        if self.fused:  # one graph for every step: the divisors come in as a tensor
+            spans = torch.tensor(self.spans(x, j), dtype=torch.float64, device=value.device)
+            return _compiled(fm.difference_rows)(fm.flat(value), fm.flat(self.value), self.diffs, spans, target)
+        cur = fm.flat(fm.hi(value))
+        out = torch.empty((cur.shape[0], j, cur.shape[1]), dtype=fm.rows_dtype(cur, target), device=cur.device)
+        return fm.difference_rows(cur, fm.flat(self.value), self.diffs, self.spans(x, j), target, out=out)
 
     def update(self, x: float, value: torch.Tensor) -> None:
         """Record the true value at full step ``x`` (newer than every node so far)."""
-        j = self._next_order()
-        if j > 0 and self.fused:
-            from . import fused
+        self.store(x, value, self.new_rows(x, value))
 
-            rows = fused.compiled("difference_rows")(_flat(value), _flat(self.value), self.diffs,
-                                                     self._spans_tensor(x, j, value.device), self.dtype_for(value))
-            self._store(x, value, rows)
-            return
-        rows = None
-        if j > 0:
-            cur = _flat(_hi(value))
-            target = self.dtype_for(value)
-            dtype = cur.dtype if target == torch.float32 else target
-            # each row is written in place into the new buffer: no per-row temporaries, no stack copy
-            rows = torch.empty((cur.shape[0], j, cur.shape[1]), dtype=dtype, device=cur.device)
-            prev = cur
-            for i, span in enumerate(self.spans(x, j)):
-                old = _flat(_hi(self.value)) if i == 0 else _hi(self.diffs[:, i - 1])
-                if dtype == cur.dtype:
-                    torch.sub(prev, old, out=rows[:, i]).div_(span)
-                    prev = rows[:, i]
-                else:  # bf16 store: differences of differences are taken in float32 before rounding
-                    prev = (prev - old) / span
-                    rows[:, i].copy_(prev)
-        self._store(x, value, rows)
-
-    def _store(self, x: float, value: torch.Tensor, rows: torch.Tensor | None) -> None:
-        target = self.dtype_for(value)
-        if rows is not None and target != torch.float32:  # float32: as computed (float64 trajectories stay so)
-            rows = rows.to(target)
+    def store(self, x: float, value: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Keep ``value`` at step ``x`` and its new difference ``rows`` (from ``new_rows`` or ``rfe_observe``)."""
         self.diffs = rows
         self.value = value
         self.nodes = [float(x), *self.nodes][: self.order + 1]
@@ -143,6 +117,10 @@ class Forecaster:
                 out.append((x - self.nodes[0]) ** i / math.factorial(i))
         return out
 
+    def weight_tensor(self, x: float, device: torch.device | None = None) -> torch.Tensor:
+        """``weights(x)`` as a float64 tensor (what the formulas take)."""
+        return torch.tensor(self.weights(x), dtype=torch.float64, device=device or self.value.device)
+
     def predict(self, x: float, scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Forecast at x: value + sum_i w_i * scale * diff_i; ``scale`` is an optional per-sample (B,) factor.
 
@@ -150,13 +128,7 @@ class Forecaster:
         with no differences yet the stored value itself is returned, not copied."""
         if self.diffs is None:
             return self.value
-        v = _hi(self.value)
-        n = v.shape[0]
-        w = torch.tensor(self.weights(x), dtype=v.dtype, device=v.device)
-        coef = w.expand(n, 1, -1) if scale is None else scale.to(v.dtype).view(n, 1, 1) * w
-        res = torch.baddbmm(v.reshape(n, 1, -1), coef, _hi(self.diffs).to(v.dtype),
-                            out=None if out is None else out.view(n, 1, -1))
-        return res.view(v.shape)
+        return fm.forecast(self.value, self.weight_tensor(x), self.diffs, scale, out)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.value, self.diffs) if t is not None)
@@ -167,8 +139,9 @@ class RelationalEstimator:
 
     ``O(t+k) = O(t) + s * ||I(t+k) - I(t)|| * dir / ||dir||`` with ``s = ||O(t) - O(t-N)|| / ||I(t) - I(t-N)||`` and
     ``dir`` the forecaster's correction term. ||dir|| comes from a per-sample Gram matrix of the differences kept at
-    the full step, so a cached step costs one pass over the input (its distance to I(t)) more than a plain forecast. Samples whose
-    scale is undefined (zero input change, zero direction, fewer than two full steps) fall back to the plain forecast.
+    the full step, so a cached step costs one pass over the input (its distance to I(t)) more than a plain
+    forecast. Samples whose scale is undefined (zero input change, zero direction, fewer than two full steps) fall
+    back to the plain forecast.
     """
 
     def __init__(self, forecaster: Forecaster) -> None:
@@ -181,24 +154,26 @@ class RelationalEstimator:
         self.scale: torch.Tensor | None = None  # s per sample (float64), NaN where undefined
         self.gram: torch.Tensor | None = None  # (B, j*j) float64 Gram matrices of the differences, flattened
 
+    @property
+    def ready(self) -> bool:
+        """Whether RFE's magnitude is defined (two full steps seen); otherwise the plain forecast is used."""
+        return self.gram is not None
+
     def update(self, x: float, inp: torch.Tensor, out: torch.Tensor) -> None:
         """Record a full step: the module's input and output at step x."""
         f = self.f
         moved = f.value is not None and self.last_input is not None and self.last_input.shape == inp.shape
         gap = x - f.nodes[0] if f.nodes else 0.0
         self.scale = self.gram = None
-        if moved and f.order > 0 and f.fused:  # rows, Gram matrix and input distance in one compiled pass
-            from . import fused
-
-            spans = f._spans_tensor(x, f._next_order(), out.device)
-            rows, gram, d_in = fused.compiled("rfe_observe")(_flat(out), _flat(f.value), f.diffs, spans, inp,
-                                                             self.last_input, f.dtype_for(out))
-            f._store(x, out, rows)
+        if moved and f.order > 0 and f.fused:  # rows, Gram matrix and input distance in one compiled call
+            spans = torch.tensor(f.spans(x, f.next_order()), dtype=torch.float64, device=out.device)
+            rows, gram, d_in = _compiled(fm.rfe_observe)(fm.flat(out), fm.flat(f.value), f.diffs, spans, inp,
+                                                         self.last_input, f.dtype_for(out))
+            f.store(x, out, rows)
         else:
-            d_in = sample_dist(_hi(inp), self.last_input).double() if moved and f.order > 0 else None
+            d_in = fm.sample_dist(inp, self.last_input).double() if moved and f.order > 0 else None
             f.update(x, out)
-            d = f.diffs
-            gram = None if d_in is None or d is None else torch.bmm(_hi(d), _hi(d).transpose(1, 2)).double()
+            gram = None if d_in is None or f.diffs is None else fm.gram(f.diffs)
         self.last_input = inp  # as the model computed it: distances to it are taken in float32
         if gram is None:
             return
@@ -207,23 +182,92 @@ class RelationalEstimator:
         self.scale = torch.where(d_in > 0, d_out / d_in, torch.full_like(d_in, float("nan")))
         self.gram = gram.reshape(gram.shape[0], -1)  # (B, j*j), for one matmul per forecast
 
+    def coefficients(self, x: float, inp: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """RFE's per-sample factor (B,) at cached step x for the real input ``inp``; ``scratch`` as in
+        ``formulas.sample_dist``."""
+        moved = fm.sample_dist(inp, self.last_input, scratch=scratch)
+        return fm.rfe_coefficients(moved, self.f.weight_tensor(x, self.gram.device), self.gram, self.scale)
+
     def predict(self, x: float, inp: torch.Tensor, out: torch.Tensor | None = None,
                 scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Forecast of the module's output at cached step x, given its real input there.
 
         ``out`` as in ``Forecaster.predict``; ``scratch`` (the input's shape, float) takes I(t+k) - I(t) instead of
         a new tensor, and may be ``inp`` itself when the caller no longer needs it."""
-        if self.gram is None:
+        if not self.ready:
             return self.f.predict(x, out=out)
-        w = torch.tensor(self.f.weights(x), dtype=torch.float64, device=self.gram.device)
-        if scratch is None:
-            moved = sample_dist(_hi(inp), self.last_input)
-        else:
-            moved = sample_norm(torch.sub(inp, self.last_input, out=scratch))
-        return self.f.predict(x, scale=rfe_coefficients(moved, w, self.gram, self.scale), out=out)
+        return self.f.predict(x, scale=self.coefficients(x, inp, scratch), out=out)
 
     def nbytes(self) -> int:
         n = self.f.nbytes()
         for t in (self.last_input, self.scale, self.gram):
             n += 0 if t is None else t.numel() * t.element_size()
         return n
+
+
+class ModuleState:
+    """What one cached unit remembers, by ``mode``: nothing (none), its last output (reuse: FORA), its differences
+    (forecast: TaylorSeer), or RFE's state (rfe); and the unit's cached step, computed from that state."""
+
+    def __init__(self, mode: str, order: int, expansion: str, store_dtype: torch.dtype | None,
+                 fused: bool = False) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.forecaster = Forecaster(order if mode in ("forecast", "rfe") else 0, expansion, store_dtype, fused)
+        self.rfe = RelationalEstimator(self.forecaster) if mode == "rfe" else None
+
+    @property
+    def reads_input(self) -> bool:
+        """Whether a cached step needs the unit's real input (RFE's magnitude)."""
+        return self.rfe is not None
+
+    def reset(self) -> None:
+        (self.rfe or self.forecaster).reset()
+
+    def observe(self, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+        """A full step: the unit's input and output (the tensor that is forecast)."""
+        if self.rfe is not None:
+            self.rfe.update(step, inp, out)
+        elif self.mode != "none":
+            self.forecaster.update(step, out)
+
+    def forecast(self, step: int, inp: torch.Tensor | None, out: torch.Tensor | None = None,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The unit's output at cached ``step``; ``out`` / ``scratch``: buffers to write into (see above)."""
+        self.check_ready()
+        if self.rfe is not None:
+            return self.rfe.predict(step, inp, out=out, scratch=scratch)
+        return self.forecaster.predict(step, out=out)
+
+    def cached_step(self, step: int, h: torch.Tensor, gate: torch.Tensor | None, inp: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None, compiled: bool = False,
+                    norm: tuple | None = None) -> torch.Tensor:
+        """``h + gate * forecast`` at cached ``step`` (``h + forecast`` without a gate): a block's residual update
+        with the unit's output forecast.
+
+        ``inp`` is the unit's real input (needed by RFE); ``out`` a buffer (h's shape and dtype) that receives the
+        result and may hold ``inp``. ``compiled``: through the fused functions (fused.py); RFE then takes
+        ``norm`` = (ln_w, ln_b, eps, scale, shift) to build the input inside the compiled graph when ``inp`` is
+        None."""
+        self.check_ready()
+        f = self.forecaster
+        call = _compiled if compiled else (lambda fn: fn)
+        kw = {} if compiled else {"out": out}
+        if f.diffs is None:
+            return call(fm.reuse_step)(h, gate, f.value, **kw)
+        w = f.weight_tensor(step, h.device)
+        if self.rfe is None or not self.rfe.ready:
+            return call(fm.forecast_step)(h, gate, f.value, f.diffs, w, **kw)
+        rest = (f.value, f.diffs, w, self.rfe.last_input, self.rfe.gram, self.rfe.scale)
+        if compiled and inp is None:
+            return call(fm.rfe_norm_step)(h, gate, *norm, *rest)
+        return call(fm.rfe_step)(h, gate, inp, *rest, **kw)
+
+    def check_ready(self) -> None:
+        """A forecast needs one full step first."""
+        if self.forecaster.value is None:
+            raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
+
+    def nbytes(self) -> int:
+        return (self.rfe or self.forecaster).nbytes()

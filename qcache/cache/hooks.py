@@ -21,48 +21,14 @@ from ..recipe import CacheConfig
 from ..sampling import SamplerHook, StepState
 from .accounting import CacheStats
 from .adapters import ModuleIO, cache_layout
-from .fast_path import HOOK_NAME as FAST_HOOK_NAME
-from .fast_path import Workspace, attach_fast_paths
-from .forecast import Forecaster, RelationalEstimator, sample_dist, sample_norm
-from .policies import AllSteps, FixedSchedule, RelationalSchedule, StepPolicy
+from .fast_path import LeanPath, Workspace
+from .forecast import ModuleState
+from .formulas import sample_dist, sample_norm
+from .schedule import AllSteps, FixedSchedule, RelationalSchedule, StepPolicy
 
 HOOK_NAME = "qcache_feature_cache"
 STEP_HOOK_NAME = "qcache_feature_cache_step"
 STORE_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # None: as the model computes
-
-
-class _ModuleState:
-    """What one cacheable module remembers: nothing (none), its last output (fora), differences, or RFE state."""
-
-    def __init__(self, mode: str, order: int, expansion: str, store_dtype: torch.dtype, fused: bool = False) -> None:
-        self.mode = mode
-        self.forecaster = Forecaster(order if mode in ("taylor", "rfe") else 0, expansion, store_dtype, fused)
-        self.rfe = RelationalEstimator(self.forecaster) if mode == "rfe" else None
-
-    def reset(self) -> None:
-        (self.rfe or self.forecaster).reset()
-
-    def observe(self, step: int, inp: torch.Tensor, out: torch.Tensor) -> None:
-        if self.rfe is not None:
-            self.rfe.update(step, inp, out)
-        elif self.mode != "none":
-            self.forecaster.update(step, out)
-
-    def forecast(self, step: int, inp: torch.Tensor | None, out: torch.Tensor | None = None,
-                 scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """The module's output at cached ``step``; ``out`` / ``scratch``: buffers to write into (see forecast.py)."""
-        self.check_ready()
-        if self.rfe is not None:
-            return self.rfe.predict(step, inp, out=out, scratch=scratch)
-        return self.forecaster.predict(step, out=out)
-
-    def check_ready(self) -> None:
-        """A forecast needs one full step first."""
-        if self.forecaster.value is None:
-            raise QcacheError("cache: a cached step came before any full step (warm-up must be >= 1)")
-
-    def nbytes(self) -> int:
-        return (self.rfe or self.forecaster).nbytes()
 
 
 class _ModuleCacheHook(ModelHook):
@@ -70,7 +36,7 @@ class _ModuleCacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: "FeatureCache", name: str, state: _ModuleState, watched: bool, io: ModuleIO) -> None:
+    def __init__(self, cache: "FeatureCache", name: str, state: ModuleState, watched: bool, io: ModuleIO) -> None:
         super().__init__()
         self.cache = cache
         self.name = name
@@ -82,7 +48,7 @@ class _ModuleCacheHook(ModelHook):
         cache, io = self.cache, self.io
         inp = io.input(args, kwargs)
         if self.watched:
-            cache._decide(inp)
+            cache.decide(inp)
         if cache.full:
             out = self.fn_ref.original_forward(*args, **kwargs)
             self.state.observe(cache.step, inp, io.pack(out))
@@ -98,6 +64,106 @@ class _ModuleCacheHook(ModelHook):
         return module
 
 
+def _residual(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A block's residual ``out - inp``; where the block drops a stream (SD3's last block returns no text tokens),
+    the output is a prefix of the input's tokens."""
+    return out - (inp if out.shape == inp.shape else inp[:, : out.shape[1]])
+
+
+def _prefix(inp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return inp if like.shape == inp.shape else inp[:, : like.shape[1]]
+
+
+class _BlockCacheHook(ModelHook):
+    """``cache.granularity: block``: runs the block on full steps and records its residual (output - input, with
+    the input as RFE's I); on cached steps returns input + forecast residual."""
+
+    _is_stateful = True
+
+    def __init__(self, cache: "FeatureCache", name: str, state: ModuleState, watched: bool, io: ModuleIO) -> None:
+        super().__init__()
+        self.cache, self.name, self.state, self.watched, self.io = cache, name, state, watched, io
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        cache, io = self.cache, self.io
+        inp = io.input(args, kwargs)
+        if self.watched:
+            cache.decide(inp)
+        if cache.full:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            self.state.observe(cache.step, inp, _residual(inp, io.pack(out)))
+            return out
+        self.state.check_ready()
+        pred = self.state.cached_step(cache.step, _prefix(inp, self.state.forecaster.value), None, inp=inp)
+        if cache.errors is not None:
+            cache._record_error(self.name, pred, io.pack(self.fn_ref.original_forward(*args, **kwargs)))
+        return io.unpack(pred, args, kwargs)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+
+class _Span:
+    """The shared state of a span's hooks: the unit's state and the span's input on the current step."""
+
+    def __init__(self, state: ModuleState) -> None:
+        self.state = state
+        self.inp: torch.Tensor | None = None
+
+
+class _SpanHook(ModelHook):
+    """``cache.granularity: span``, on each block of the cached span: on full steps the blocks run and the last one
+    records the span's residual (its output - the first block's input); on cached steps every block but the last
+    passes its input through and the last returns input + forecast residual."""
+
+    _is_stateful = True
+
+    def __init__(self, cache: "FeatureCache", name: str, span: _Span, first: bool, last: bool, io: ModuleIO) -> None:
+        super().__init__()
+        self.cache, self.name, self.span, self.first, self.last, self.io = cache, name, span, first, last, io
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        cache, io, span = self.cache, self.io, self.span
+        if self.first:
+            span.inp = io.input(args, kwargs)
+            cache.decide(span.inp)  # RCS watches the fresh head's output: the span's input
+        run = cache.full or cache.errors is not None
+        if not self.last:
+            return self.fn_ref.original_forward(*args, **kwargs) if run else io.unpack(io.input(args, kwargs), args,
+                                                                                      kwargs)
+        inp = span.inp
+        if cache.full:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            span.state.observe(cache.step, inp, _residual(inp, io.pack(out)))
+            return out
+        span.state.check_ready()
+        pred = span.state.cached_step(cache.step, _prefix(inp, span.state.forecaster.value), None, inp=inp)
+        if cache.errors is not None:  # the span's blocks ran for the error; the forecast goes on, as cached
+            cache._record_error(self.name, pred, io.pack(self.fn_ref.original_forward(*args, **kwargs)))
+        return io.unpack(pred, args, kwargs)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.span.state.reset()
+        self.span.inp = None
+        return module
+
+
+def cached_blocks(layout, cfg: CacheConfig) -> list[str]:
+    """The blocks whose residuals are cached: all (block), or those between the fresh head and tail (span)."""
+    blocks = list(layout.blocks)
+    if not blocks:
+        raise QcacheError(f"cache.granularity: {cfg.granularity} needs the model family to list its transformer "
+                          f"blocks (CacheLayout.blocks); this one lists none")
+    if cfg.granularity == "block":
+        return blocks
+    head, tail = cfg.fresh_head, cfg.fresh_tail
+    if head + tail >= len(blocks):
+        raise QcacheError(f"cache.fresh_head: fresh_head + fresh_tail ({head} + {tail}) must leave at least one of "
+                          f"the model's {len(blocks)} blocks to cache")
+    return blocks[head: len(blocks) - tail]
+
+
 class _StepHook(ModelHook):
     """On the transformer: every model call is one denoising step."""
 
@@ -111,12 +177,14 @@ class _StepHook(ModelHook):
 
 
 def _module_mode(policy: str, rfe: bool) -> str:
-    return {"none": "none", "fora": "reuse", "taylorseer": "taylor"}.get(policy, "rfe" if rfe else "taylor")
+    return {"none": "none", "fora": "reuse", "taylorseer": "forecast"}.get(policy, "rfe" if rfe else "forecast")
 
 
 class FeatureCache(SamplerHook):
-    """A feature cache attached to one transformer; append it to ``sampler.hooks``. ``remove()`` detaches it.
+    """A feature cache attached to one transformer, and a sampler hook of the samplers it was added to.
 
+    Use it as a context manager (``with attach_cache(transformer, cfg, sampler=s) as cache:``): on exit it detaches
+    from the modules and from every sampler it was added to (``add_to``); ``remove()`` does the same by hand.
     ``full`` says whether the current step is a full step; ``stats`` accounts NFC and memory per generation.
     """
 
@@ -138,23 +206,82 @@ class FeatureCache(SamplerHook):
         self._batch: int | None = None
         store = STORE_DTYPES[cfg.store_dtype]
         modules = dict(transformer.named_modules())
-        self._states: dict[str, _ModuleState] = {}
-        self._registries: list[HookRegistry] = []
-        for name in self.layout.names:
-            st = _ModuleState(module_mode, cfg.order, cfg.expansion, store, fused=cfg.compile)
-            reg = HookRegistry.check_if_exists_or_initialize(modules[name])
-            reg.register_hook(_ModuleCacheHook(self, name, st, name == self.layout.watched, self.layout.io_of(name)),
-                              HOOK_NAME)
-            self._states[name] = st
-            self._registries.append(reg)
-        reg = HookRegistry.check_if_exists_or_initialize(transformer)
-        reg.register_hook(_StepHook(self), STEP_HOOK_NAME)
-        self._registries.append(reg)
-        self.workspace = Workspace()  # buffers of the lean cached-step path (fast_path.py)
+        self.granularity = cfg.granularity
+        self._states: dict[str, ModuleState] = {}
+        self._hooked: list[str] = []  # the modules carrying a HOOK_NAME hook
+
+        def state(name: str) -> ModuleState:
+            self._states[name] = ModuleState(module_mode, cfg.order, cfg.expansion, store, fused=cfg.compile)
+            return self._states[name]
+
+        def hook(name: str, h: ModelHook) -> None:
+            HookRegistry.check_if_exists_or_initialize(modules[name]).register_hook(h, HOOK_NAME)
+            self._hooked.append(name)
+
+        if cfg.granularity == "module":
+            for name in self.layout.names:
+                hook(name, _ModuleCacheHook(self, name, state(name), name == self.layout.watched,
+                                            self.layout.io_of(name)))
+        else:
+            blocks = cached_blocks(self.layout, cfg)
+            if cfg.granularity == "block":
+                for i, name in enumerate(blocks):
+                    hook(name, _BlockCacheHook(self, name, state(name), i == 0, self.layout.io_of(name)))
+            else:  # span: one residual from the first cached block's input to the last one's output
+                unit = f"span:{blocks[0]}..{blocks[-1]}"
+                span = _Span(state(unit))
+                for i, name in enumerate(blocks):
+                    hook(name, _SpanHook(self, unit, span, i == 0, i == len(blocks) - 1, self.layout.io_of(name)))
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_StepHook(self), STEP_HOOK_NAME)
         default_io = all(self.layout.io_of(n) is DEFAULT_IO for n in self.layout.names)
-        self._fast_blocks = (attach_fast_paths(self, transformer, self.layout.names, self.layout.watched, self._states)
-                             if cfg.fast_path and default_io and module_mode != "none" else [])
+        # the lean cached-step path (fast_path.py), owned by the cache; it sees it as a StepControl
+        self.lean = (LeanPath(self, transformer, self._states, self.layout.watched)
+                     if cfg.fast_path and default_io and module_mode != "none" and cfg.granularity == "module"
+                     else None)
+        self._samplers: list = []  # samplers whose hooks list holds this cache (add_to)
         self.attached = True
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------------
+    def add_to(self, sampler) -> "FeatureCache":
+        """Append this cache to ``sampler.hooks`` (once); ``remove()`` takes it off again. Returns the cache."""
+        if not any(h is self for h in sampler.hooks):
+            sampler.hooks.append(self)
+        if not any(x is sampler for x in self._samplers):
+            self._samplers.append(sampler)
+        return self
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ---- what the lean path reads (fast_path.StepControl) --------------------------------------------------------
+    @property
+    def decided(self) -> bool:
+        """Whether the current step's full/cached decision is made."""
+        return self._decided
+
+    @property
+    def compiled(self) -> bool:
+        return self.cfg.compile
+
+    @property
+    def recording(self) -> bool:
+        """Whether forecast errors are being recorded (``record_errors``)."""
+        return self.errors is not None
+
+    @property
+    def workspace(self) -> Workspace:
+        """The lean path's buffers (empty without one)."""
+        return self.lean.workspace if self.lean is not None else Workspace()
+
+    @property
+    def fast_blocks(self) -> list[torch.nn.Module]:
+        """The blocks whose cached steps run the lean path."""
+        return self.lean.blocks if self.lean is not None else []
+
+    _fast_blocks = fast_blocks  # older name
 
     # ---- state ---------------------------------------------------------------------------------------------
     def reset_state(self, num_steps: int | None = None, images: int | None = None) -> None:
@@ -180,7 +307,8 @@ class FeatureCache(SamplerHook):
         if not self.policy.needs_input:
             self._set_full(self.policy.decide(self.step, None))
 
-    def _decide(self, watched: torch.Tensor) -> None:
+    def decide(self, watched: torch.Tensor) -> None:
+        """Decide on the watched module's input whether this step is full (once per step; RCS)."""
         if self.policy.needs_input and not self._decided:
             self._set_full(self.policy.decide(self.step, watched))
 
@@ -219,19 +347,22 @@ class FeatureCache(SamplerHook):
 
     # ---- detaching ------------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Detach every hook and drop the stored tensors; the modules' original forwards are restored."""
+        """Detach every hook and drop the stored tensors; the modules' original forwards are restored and the cache
+        leaves the hooks of every sampler it was added to. Removing twice does nothing."""
+        for sampler in self._samplers:
+            sampler.hooks[:] = [h for h in sampler.hooks if h is not self]
+        self._samplers = []
         if not self.attached:
             return
         modules = dict(self.transformer.named_modules())
-        for name in self.layout.names:
+        for name in self._hooked:
             _remove_hook(modules[name], HOOK_NAME)
-        for block in self._fast_blocks:
-            _remove_hook(block, FAST_HOOK_NAME)
+        if self.lean is not None:
+            self.lean.remove(_remove_hook)
         _remove_hook(self.transformer, STEP_HOOK_NAME)
         for st in self._states.values():
             st.reset()
         self.policy.reset(None)
-        self.workspace.clear()
         self.attached = False
 
 
@@ -262,13 +393,20 @@ def make_policy(cfg: CacheConfig, tau: float | None = None, full_steps: list[int
 
 
 def attach_cache(transformer: torch.nn.Module, cfg: CacheConfig, tau: float | None = None,
-                 full_steps: list[int] | None = None) -> FeatureCache:
-    """Attach a feature cache to ``transformer`` as ``cfg`` says; append the result to ``sampler.hooks``.
+                 full_steps: list[int] | None = None, sampler=None) -> FeatureCache:
+    """Attach a feature cache to ``transformer`` as ``cfg`` says.
 
     ``tau`` overrides ``cfg.tau`` (RCS); ``full_steps`` replays a fixed list of full steps (a static schedule)
-    with the forecast of ``cfg.policy``. Attaching twice to one transformer is an error.
+    with the forecast of ``cfg.policy``. ``sampler``: also add the cache to ``sampler.hooks`` (``add_to``); else
+    append it yourself. The result is a context manager that detaches everything on exit::
+
+        with attach_cache(transformer, cfg, sampler=s) as cache:
+            s.sample(n)
+
+    Attaching twice to one transformer is an error.
     """
     reg = getattr(transformer, "_diffusers_hook", None)
     if reg is not None and reg.get_hook(STEP_HOOK_NAME) is not None:
         raise QcacheError("cache: a feature cache is already attached to this transformer; remove() it first")
-    return FeatureCache(transformer, cfg, make_policy(cfg, tau, full_steps), _module_mode(cfg.policy, cfg.rfe))
+    cache = FeatureCache(transformer, cfg, make_policy(cfg, tau, full_steps), _module_mode(cfg.policy, cfg.rfe))
+    return cache.add_to(sampler) if sampler is not None else cache

@@ -1,18 +1,23 @@
-"""Static schedules (a fixed full-step mask saved as JSON and replayed) and tuning tau to a target NFC.
+"""Which denoising steps are full steps: step policies, RCS, static schedules, and exact-count schedules.
 
-A static schedule records which steps were full for one sampler setting, with the policy and parameters that made
-it. Replaying it runs the same forecast on exactly those steps: deterministic, with an exact NFC, and the same on
-every device of a parallel job.
+- ``FixedSchedule``: every ``interval`` steps, or ``nfc`` evenly spread full steps (FORA, TaylorSeer, RFE-only);
+- ``RelationalSchedule``: RCS of RFC (arXiv 2602.19506): a full step once the summed relative L1 error of the
+  watched input's forecast since the last full step exceeds tau;
+- ``StaticSchedule``: a fixed full-step mask saved as JSON and replayed (deterministic, exact NFC, the same on
+  every device of a parallel job), with the policy and parameters that made it;
+- ``trace_full_steps``: exactly k full steps chosen on RCS's error trace (when no tau gives k; tuning.py).
+
+Tau tuning and the exact-NFC search are in tuning.py; attaching a cache as a recipe or a schedule says, in attach.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,11 +25,17 @@ from ..cli import write_json
 from ..errors import QcacheError
 from ..recipe import CacheConfig
 from ..sampling import Sampler
-from .hooks import FeatureCache, attach_cache
+from .forecast import Forecaster
+from .formulas import relative_l1
+
+if TYPE_CHECKING:
+    from .hooks import FeatureCache
 
 SCHEDULE_FORMAT = "qcache.cache_schedule"
 SCHEDULE_VERSION = 1
-PARAM_KEYS = ("policy", "interval", "order", "warmup", "tau", "target_nfc", "rfe", "rcs", "expansion", "store_dtype")
+SCHEDULE_METHODS = ("tau", "trace")  # a probed tau's own schedule, or full steps chosen on RCS's error trace
+PARAM_KEYS = ("policy", "interval", "order", "warmup", "tau", "target_nfc", "rfe", "rcs", "expansion", "store_dtype",
+              "granularity", "fresh_head", "fresh_tail")
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,10 @@ class StaticSchedule:
         hints = typing.get_type_hints(CacheConfig)
         fields = {f.name: f for f in dataclasses.fields(CacheConfig)}
         for k, v in params.items():
+            if k == "method":  # how the full steps were chosen (tuning.py): not a cache parameter
+                if v not in SCHEDULE_METHODS:
+                    raise bad(f"params.method: must be one of {', '.join(SCHEDULE_METHODS)}, got {short(v)}")
+                continue
             if k not in PARAM_KEYS or k == "policy":
                 raise bad(f"params.{short_str(k, 80)}: unknown parameter (known: {', '.join(PARAM_KEYS[1:])})")
             try:
@@ -126,15 +141,7 @@ def schedule_params(cfg: CacheConfig, tau: float | None = None) -> dict:
     return d
 
 
-def replay(sampler: Sampler, schedule: StaticSchedule, base: CacheConfig | None = None) -> FeatureCache:
-    """Attach a cache that replays ``schedule`` on ``sampler`` (and append it to ``sampler.hooks``)."""
-    schedule.check(sampler)
-    cache = attach_cache(sampler.transformer, schedule.config(base), full_steps=list(schedule.full_steps))
-    sampler.hooks.append(cache)
-    return cache
-
-
-def record_schedule(cache: FeatureCache, sampler: Sampler, generation: int = -1,
+def record_schedule(cache: "FeatureCache", sampler: Sampler, generation: int = -1,
                     tau: float | None = None) -> StaticSchedule:
     """The full-step mask of one generation the cache served, as a static schedule."""
     gens = cache.stats._done()
@@ -145,102 +152,165 @@ def record_schedule(cache: FeatureCache, sampler: Sampler, generation: int = -1,
                           schedule_params(cache.cfg, tau))
 
 
-@dataclass
-class TuneResult:
-    """Tau found by bisection, the mean NFC it gave on the calibration batch, its schedule, and every probe."""
-
-    tau: float
-    nfc: float
-    schedule: StaticSchedule
-    probes: list[tuple[float, float]]
+# ---- step policies ---------------------------------------------------------------------------------------------
+def interval_full_steps(steps: int, warmup: int, interval: int) -> list[int]:
+    """Full steps of a fixed interval: the first ``warmup`` steps, then every ``interval`` steps after the last."""
+    anchor = max(warmup, 1) - 1
+    return [i for i in range(steps) if i <= anchor or (i - anchor) % interval == 0]
 
 
-def tune_tau(sampler: Sampler, cfg: CacheConfig, target_nfc: float, n: int | None = None, seed: int | None = None,
-             tol: float = 0.5, max_iter: int = 40, start: float | None = None) -> TuneResult:
-    """Find tau so that RCS's mean NFC on a calibration batch is within ``tol`` of ``target_nfc``.
+def uniform_full_steps(steps: int, warmup: int, nfc: int) -> list[int]:
+    """Exactly ``nfc`` full steps: the warm-up, then the rest spread evenly over the remaining steps.
 
-    NFC falls as tau grows (tau = 0: every step full), so: double tau until NFC <= target, then bisect (in log
-    space) between the last tau above and the first below. The calibration batch is ``n`` images of noise ``seed``
-    (default ``cfg.tune_samples`` and ``cfg.tune_seed``); other hooks of the sampler stay active. ``start`` is a
-    first guess (e.g. the tau tuned on the full-precision model before quantizing it): the search then doubles or
-    halves from there, which usually needs far fewer probes. Raises QcacheError when no tau comes within ``tol``;
-    the closest probe is in the message.
+    Generalises ``interval_full_steps`` to an NFC that no integer interval gives (gaps differ by at most one).
     """
-    steps = sampler.config.steps
-    if not cfg.warmup <= target_nfc <= steps:
-        raise QcacheError(f"cache.target_nfc: must be between warmup ({cfg.warmup}) and steps ({steps}), "
-                          f"got {target_nfc}")
-    if not (cfg.policy == "rfc" and cfg.rcs):
-        raise QcacheError("cache.target_nfc: tau tuning needs policy rfc with rcs: true")
-    n = cfg.tune_samples if n is None else n
-    seed = cfg.tune_seed if seed is None else seed
-    probes: list[tuple[float, float, StaticSchedule]] = []
-
-    def probe(tau: float) -> float:
-        cache = attach_cache(sampler.transformer, cfg, tau=tau)
-        try:
-            with sampler.extra_hooks(cache):
-                sampler.sample(n, seed=seed, progress=False)
-        finally:
-            cache.remove()
-        nfc = cache.stats.mean_nfc()
-        probes.append((tau, nfc, record_schedule(cache, sampler, tau=tau)))
-        return nfc
-
-    def result() -> TuneResult:
-        tau, nfc, sched = min(probes, key=lambda p: (abs(p[1] - target_nfc), -p[0]))
-        return TuneResult(tau, nfc, sched, [(p[0], p[1]) for p in probes])
-
-    guided = start is not None and start > 0
-    lo, hi, grow = 0.0, (start if guided else 1e-3), (2.0 if guided else 4.0)
-    nfc = probe(hi)
-    if abs(nfc - target_nfc) <= tol:
-        return result()
-    if guided and nfc < target_nfc:  # too few full steps at the guess: halve tau until NFC is above the target
-        for _ in range(max_iter):
-            nfc = probe(hi / 2)
-            if abs(nfc - target_nfc) <= tol:
-                return result()
-            if nfc > target_nfc:
-                lo = hi / 2
-                break
-            hi = hi / 2
-    else:  # too many: grow tau until NFC is below the target
-        for _ in range(max_iter):
-            if nfc < target_nfc:
-                break
-            lo, hi = hi, hi * grow
-            nfc = probe(hi)
-            if abs(nfc - target_nfc) <= tol:
-                return result()
-    for _ in range(max_iter):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 4
-        nfc = probe(mid)
-        if abs(nfc - target_nfc) <= tol:
-            return result()
-        if nfc > target_nfc:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-7 * hi:
-            break
-    best = result()
-    raise QcacheError(f"cache.target_nfc: no tau gives NFC {target_nfc} +/- {tol} on the calibration batch "
-                      f"(closest: tau={best.tau:.4g} with NFC {best.nfc:.2f})")
+    warm = min(max(warmup, 1), steps)
+    nfc = max(min(nfc, steps), warm)
+    rest = nfc - warm
+    anchor = warm - 1
+    gap = (steps - anchor) / (rest + 1)
+    extra = [anchor + int(j * gap + 0.5) for j in range(1, rest + 1)]
+    return sorted(set(range(warm)) | set(extra))
 
 
-def cache_sampler(sampler: Sampler, cfg: CacheConfig) -> tuple[FeatureCache, StaticSchedule | None]:
-    """Set up the recipe's ``cache`` section on ``sampler``: replay, tune tau to target_nfc, or attach as given.
+class StepPolicy:
+    """Base of step policies. ``needs_input``: whether ``decide`` uses the watched module's input."""
 
-    Returns the attached cache (already in ``sampler.hooks``) and, when tau was tuned, the schedule it produced.
+    needs_input = False
+
+    def reset(self, num_steps: int | None) -> None:
+        pass
+
+    def decide(self, step: int, watched: torch.Tensor | None) -> bool:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return 0
+
+
+class AllSteps(StepPolicy):
+    """Every step is full (policy ``none``, and the reference for bit-identity)."""
+
+    def decide(self, step: int, watched: torch.Tensor | None) -> bool:
+        return True
+
+
+class FixedSchedule(StepPolicy):
+    """Full steps from a fixed list, or from (warmup, interval), or ``nfc`` evenly spread once the step count is known."""
+
+    def __init__(self, warmup: int = 1, interval: int = 1, nfc: int | None = None,
+                 full_steps: list[int] | None = None) -> None:
+        self.warmup, self.interval, self.nfc = warmup, interval, nfc
+        self.fixed = None if full_steps is None else frozenset(full_steps)
+        self.full: frozenset[int] | None = self.fixed
+
+    def reset(self, num_steps: int | None) -> None:
+        if self.fixed is None and self.nfc is not None and num_steps is not None:
+            self.full = frozenset(uniform_full_steps(num_steps, self.warmup, self.nfc))
+
+    def decide(self, step: int, watched: torch.Tensor | None) -> bool:
+        if self.full is not None:
+            return step in self.full
+        anchor = max(self.warmup, 1) - 1
+        return step <= anchor or (step - anchor) % self.interval == 0
+
+
+class RelationalSchedule(StepPolicy):
+    """RCS: e(t+k) = ||I - I_T||_1 / ||I||_1 of the watched input's forecast; full step once sum(e) > tau.
+
+    ``e`` is taken per sample and averaged over the batch, since the whole batch shares the step. tau = 0 makes
+    every step full. ``errors`` keeps e of every step of the current generation (None on full steps), for analysis.
     """
-    if cfg.schedule is not None:
-        return replay(sampler, StaticSchedule.load(cfg.schedule), cfg), None
-    tuned = None
-    tau = cfg.tau
-    if cfg.policy == "rfc" and cfg.rcs and tau is None:
-        tuned = tune_tau(sampler, cfg, cfg.target_nfc)
-        tau = tuned.tau
-    cache = attach_cache(sampler.transformer, cfg, tau=tau)
-    sampler.hooks.append(cache)
-    return cache, (tuned.schedule if tuned else None)
+
+    needs_input = True
+
+    def __init__(self, tau: float, warmup: int, order: int, expansion: str = "newton",
+                 store_dtype: torch.dtype = torch.float32) -> None:
+        self.tau = tau
+        self.warmup = warmup
+        self.forecaster = Forecaster(order, expansion, store_dtype)
+        self.reset(None)
+
+    def reset(self, num_steps: int | None) -> None:
+        self.forecaster.reset()
+        self.acc = 0.0
+        self.errors: list[float | None] = []
+
+    def decide(self, step: int, watched: torch.Tensor | None) -> bool:
+        full = step < self.warmup or self.forecaster.value is None or self.tau <= 0
+        err = None
+        if not full:
+            err = float(relative_l1(watched, self.forecaster.predict(step)).mean())
+            self.acc += err
+            full = self.acc > self.tau
+        self.errors.append(err)
+        if full:
+            self.acc = 0.0
+            self.forecaster.update(step, watched)
+        return full
+
+    def nbytes(self) -> int:
+        return self.forecaster.nbytes()
+
+
+# ---- exact-count schedules on the error trace ------------------------------------------------------------------
+def trace_costs(trace: list[torch.Tensor]) -> "torch.Tensor":
+    """E[p, s, t]: RCS's error at step t (mean over images of ||I_t - F_t||_1 / ||I_t||_1) when the last two full
+    steps are p < s < t and F is the linear forecast through them (p = s: the last value, before a second full
+    step). Shape (N, N, N), +inf where undefined."""
+    n = len(trace)
+    x = torch.stack(trace)  # (N, B, D)
+    norms = x.abs().sum(-1).clamp_min(1e-12)  # (N, B)
+    cost = torch.full((n, n, n), float("inf"), dtype=torch.float64)
+    steps = torch.arange(n, dtype=torch.float32)
+    for s in range(n - 1):
+        ts = steps[s + 1:]
+        for p in range(s + 1):
+            slope = (x[s] - x[p]) / (s - p) if p < s else torch.zeros_like(x[s])
+            pred = x[s][None] + (ts - s).view(-1, 1, 1) * slope[None]  # (T, B, D)
+            err = (x[s + 1:] - pred).abs().sum(-1) / norms[s + 1:]
+            cost[p, s, s + 1:] = err.mean(-1).double()
+    return cost
+
+
+def trace_full_steps(trace: list[torch.Tensor], nfc: int, warmup: int) -> list[int]:
+    """Exactly ``nfc`` full steps (the first ``warmup`` among them) minimising RCS's accumulated input error.
+
+    On a cached step t after the full steps p < s, RCS's error is e(t) = E[p, s, t] (``trace_costs``); its
+    accumulated error is A(t) = e(s+1) + ... + e(t). The chosen steps minimise the sum of A(t) over all cached
+    steps, so long gaps cost quadratically (dynamic programming over the last two full steps)."""
+    n = len(trace)
+    warm = min(max(warmup, 1), n)
+    nfc = max(min(nfc, n), warm)
+    if nfc == n:
+        return list(range(n))
+    e = trace_costs(trace)
+    # gap[p, s, u]: cost of the cached steps s+1 .. u-1 between full steps s and u (u = n: to the end)
+    acc = torch.cumsum(torch.nan_to_num(e, posinf=0.0), dim=2)  # A along t, from s+1 on (e is 0 for t <= s)
+    acc2 = torch.cumsum(acc, dim=2)
+    inf = float("inf")
+
+    a2 = acc2.tolist()  # python floats: the search below indexes them millions of times
+
+    def gap(p: int, s: int, u: int) -> float:
+        return a2[p][s][u - 1] - a2[p][s][s] if u - 1 > s else 0.0
+
+    # best[(p, s)] = (cost, previous state) with k full steps so far
+    start = (max(warm - 2, 0), warm - 1)
+    layer = {start: (0.0, None)}
+    history = [layer]
+    for _ in range(nfc - warm):
+        nxt: dict[tuple[int, int], tuple[float, tuple[int, int]]] = {}
+        for (p, s), (c, _) in layer.items():
+            for u in range(s + 1, n):
+                cost = c + gap(p, s, u)
+                if cost < nxt.get((s, u), (inf, None))[0]:
+                    nxt[(s, u)] = (cost, (p, s))
+        layer = nxt
+        history.append(layer)
+    end = min(layer, key=lambda k: layer[k][0] + gap(k[0], k[1], n))
+    chain = [end]
+    for h in reversed(history[1:]):
+        chain.append(h[chain[-1]][1])
+    full = set(range(warm)) | {s for _, s in chain}
+    return sorted(full)

@@ -48,9 +48,11 @@ DEFAULT_IO = ModuleIO()
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Names of the cacheable modules, in call order, the one whose input drives the step decision, the
-    ``ModuleIO`` of the modules whose call is not one tensor in, one tensor out, and the names of the transformer
-    blocks in call order (``blocks``: the units of block / span caching; empty when the family gives none)."""
+    """Names of the cacheable modules, in call order, the one whose input drives the step decision, and the
+    ``ModuleIO`` of the modules whose call is not one tensor in, one tensor out.
+
+    ``blocks``: the transformer blocks in call order (``cache.granularity: block | span`` caches their residuals);
+    ``io`` may hold a block's ``ModuleIO`` too (its hidden state in and out, as one tensor)."""
 
     names: tuple[str, ...]
     watched: str

@@ -51,6 +51,23 @@ class JointAttentionIO(ModuleIO):
 JOINT_IO = JointAttentionIO()
 
 
+class JointBlockIO(JointAttentionIO):
+    """SD3's ``JointTransformerBlock``: (image, text) hidden states in, (text, image) out, as one tensor (image tokens
+    first). The last block (``context_pre_only``) returns no text stream: its output is the image tokens only."""
+
+    def pack(self, out: Any) -> torch.Tensor:
+        c, h = out
+        return h if c is None else torch.cat([h, c], 1)
+
+    def unpack(self, packed: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        h, _ = self._streams(args, kwargs)
+        n = h.shape[1]
+        return (None, packed) if packed.shape[1] == n else (packed[:, n:], packed[:, :n])
+
+
+JOINT_BLOCK_IO = JointBlockIO()
+
+
 class SD3Family(ModelFamily):
     name = "sd3"
     transformer_classes = ("SD3Transformer2DModel",)
@@ -102,6 +119,7 @@ class SD3Family(ModelFamily):
         names: list[str] = []
         io: dict[str, ModuleIO] = {}
         for i, block in enumerate(blocks):
+            io[f"transformer_blocks.{i}"] = JOINT_BLOCK_IO
             names.append(f"transformer_blocks.{i}.attn")
             io[names[-1]] = JOINT_IO
             if getattr(block, "attn2", None) is not None:
