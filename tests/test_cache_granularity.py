@@ -120,3 +120,26 @@ def test_static_schedule_records_the_granularity_and_replays_bit_identically(gra
         again = s.sample(2, seed=0, progress=False).images
     assert c.granularity == granularity and not s.hooks
     assert torch.equal(again, live)
+
+
+def test_cache_memory_tool_writes_every_config_and_span_fits_flux(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "mem.json"
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "cache_memory.py"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["config"] for r in rows} == {"dit-xl-2-256", "pixart-alpha-512", "sd3-medium-1024", "flux-dev-1024"}
+    assert len(rows) == 4 * 3 * 2 and all(set(r) >= {"config", "granularity", "store_dtype", "bytes_per_image"}
+                                          for r in rows)
+    b = {(r["config"], r["granularity"], r["store_dtype"]): r["bytes_per_image"] for r in rows}
+    assert b[("flux-dev-1024", "span", "bfloat16")] * 20 <= b[("flux-dev-1024", "module", "bfloat16")]
+    # DiT-XL/2 module bf16 by hand: 56 units x (value + 2 bf16 differences + last input) x 2 CFG rows + RCS
+    hid = 256 * 1152
+    unit = hid * 2 + 2 * hid * 2 + hid * 2 + 8 + 4 * 8
+    assert b[("dit-xl-2-256", "module", "bfloat16")] == 2 * (56 * unit + 3 * hid * 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,17 +274,35 @@ def trace_costs(trace: list[torch.Tensor]) -> "torch.Tensor":
     return cost
 
 
-def trace_full_steps(trace: list[torch.Tensor], nfc: int, warmup: int) -> list[int]:
+def max_gap(steps: int, nfc: int, warmup: int) -> int:
+    """The longest gap between full steps (the end of sampling counting as one) an exact-NFC schedule may leave:
+    1.25x the even spacing of the free full steps. RCS's relative error is small in the middle of sampling and
+    large at the end, where errors barely reach the final image; its schedules at low NFC leave long blind
+    stretches in the middle (docs/cache.md, NFC 8), which this bound rules out."""
+    warm = min(max(warmup, 1), steps)
+    free = max(nfc - warm, 0)
+    return max(2, math.ceil(1.25 * (steps - warm + 1) / (free + 1)))
+
+
+def longest_gap(full_steps, steps: int) -> int:
+    """The longest distance between consecutive full steps, the end of sampling (step ``steps``) included."""
+    f = sorted(full_steps)
+    return max(b - a for a, b in zip(f, f[1:] + [steps]))
+
+
+def trace_full_steps(trace: list[torch.Tensor], nfc: int, warmup: int, gap: int | None = None) -> list[int]:
     """Exactly ``nfc`` full steps (the first ``warmup`` among them) minimising RCS's accumulated input error.
 
     On a cached step t after the full steps p < s, RCS's error is e(t) = E[p, s, t] (``trace_costs``); its
     accumulated error is A(t) = e(s+1) + ... + e(t). The chosen steps minimise the sum of A(t) over all cached
-    steps, so long gaps cost quadratically (dynamic programming over the last two full steps)."""
+    steps, so long gaps cost quadratically (dynamic programming over the last two full steps), with no gap longer
+    than ``gap`` (default ``max_gap``)."""
     n = len(trace)
     warm = min(max(warmup, 1), n)
     nfc = max(min(nfc, n), warm)
     if nfc == n:
         return list(range(n))
+    gap_max = max_gap(n, nfc, warmup) if gap is None else gap
     e = trace_costs(trace)
     # gap[p, s, u]: cost of the cached steps s+1 .. u-1 between full steps s and u (u = n: to the end)
     acc = torch.cumsum(torch.nan_to_num(e, posinf=0.0), dim=2)  # A along t, from s+1 on (e is 0 for t <= s)
@@ -302,13 +321,14 @@ def trace_full_steps(trace: list[torch.Tensor], nfc: int, warmup: int) -> list[i
     for _ in range(nfc - warm):
         nxt: dict[tuple[int, int], tuple[float, tuple[int, int]]] = {}
         for (p, s), (c, _) in layer.items():
-            for u in range(s + 1, n):
+            for u in range(s + 1, min(n, s + gap_max + 1)):
                 cost = c + gap(p, s, u)
                 if cost < nxt.get((s, u), (inf, None))[0]:
                     nxt[(s, u)] = (cost, (p, s))
         layer = nxt
         history.append(layer)
-    end = min(layer, key=lambda k: layer[k][0] + gap(k[0], k[1], n))
+    ends = [k for k in layer if n - k[1] <= gap_max] or list(layer)
+    end = min(ends, key=lambda k: layer[k][0] + gap(k[0], k[1], n))
     chain = [end]
     for h in reversed(history[1:]):
         chain.append(h[chain[-1]][1])

@@ -17,7 +17,7 @@ from ..errors import QcacheError
 from ..recipe import CacheConfig
 from ..sampling import Sampler
 from .hooks import attach_cache
-from .schedule import StaticSchedule, record_schedule, schedule_params, trace_full_steps
+from .schedule import StaticSchedule, longest_gap, max_gap, record_schedule, schedule_params, trace_full_steps
 
 
 @dataclass
@@ -117,13 +117,17 @@ def exact_nfc_schedule(sampler: Sampler, cfg: CacheConfig, target_nfc: int, n: i
     """A static schedule with exactly ``target_nfc`` full steps (any count from warmup to steps); never fails.
 
     First tau is tuned as ``tune_tau`` does; when a probed tau gives exactly ``target_nfc`` full steps on the
-    calibration batch, its schedule is used (``method: tau``). Otherwise RCS's NFC jumps past the target as tau
-    moves, and the full steps are chosen on the error trace of the calibration batch instead (``method: trace``,
-    ``trace_full_steps``): the choice of exactly that many that keeps RCS's accumulated input error lowest. The
-    method is recorded in the schedule's params.
+    calibration batch, with no gap longer than ``schedule.max_gap``, its schedule is used (``method: tau``).
+    Otherwise (RCS's NFC jumps past the target as tau moves, or its few full steps leave a long blind stretch) the
+    full steps are chosen on the error trace of the calibration batch instead (``method: trace``,
+    ``trace_full_steps``): exactly that many, keeping RCS's accumulated input error lowest within the gap bound.
+    The method is recorded in the schedule's params.
     """
     best, _ = _search_tau(sampler, cfg, target_nfc, n, seed, 0.5, max_iter, start)
-    if best.schedule.nfc == target_nfc and best.nfc == target_nfc:
+    steps = sampler.config.steps
+    bound = max_gap(steps, target_nfc, cfg.warmup)
+    if best.schedule.nfc == target_nfc and best.nfc == target_nfc and longest_gap(best.schedule.full_steps,
+                                                                                  steps) <= bound:
         return dataclasses.replace(best, schedule=_with_params(best.schedule, method="tau"))
     trace = watched_trace(sampler, cfg, n, seed)
     full = trace_full_steps(trace, target_nfc, cfg.warmup)
