@@ -1,4 +1,5 @@
-"""qcache: post-training quantization + relational feature caching + variance compensation for diffusion transformers."""
+"""qcache: post-training quantization + relational feature caching + variance compensation for diffusion
+transformers."""
 
 from __future__ import annotations
 

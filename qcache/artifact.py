@@ -21,8 +21,9 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 from . import __version__
 from .cli import apply_umask_tree, json_bytes, short, short_str

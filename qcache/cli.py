@@ -14,8 +14,9 @@ import os
 import reprlib
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from .errors import QcacheError
 
@@ -107,7 +108,7 @@ def apply_umask_tree(root: str | Path) -> None:
     """``apply_umask`` on ``root`` and everything under it (symlinks are left alone)."""
     root = Path(root)
     mask = current_umask()
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~mask)
         for name in filenames:
             f = os.path.join(dirpath, name)

@@ -16,7 +16,7 @@ mode and then runs it eagerly for the rest of the process, so one FLOP-counted s
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode

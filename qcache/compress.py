@@ -32,9 +32,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -46,12 +46,23 @@ from .errors import QcacheError
 from .families.parts import ModelParts
 from .fingerprint import file_fingerprint, model_fingerprint, scheduler_fingerprint
 from .models import LoadedModel, load_model, load_parts
-from .pipeline import (build_pool, cache_schedule, evaluate_pair, fit_variance_compensation, has_cache,
-                       needs_calibration, quality_sweep, quantize_model, reference_samples, select_calibration)
+from .pipeline import (
+    build_pool,
+    cache_schedule,
+    evaluate_pair,
+    fit_variance_compensation,
+    has_cache,
+    needs_calibration,
+    quality_sweep,
+    quantize_model,
+    reference_samples,
+    select_calibration,
+)
 from .recipe import Recipe, load_recipe, recipe_to_dict
 from .report import plots, report_markdown, summary_table
 from .sampling import SampleSet
 from .stages import Stage, StageRun, StageStore, run_stages
+
 
 @dataclass
 class CompressResult:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
@@ -31,11 +32,11 @@ class CompressedModel:
     scheduler_config: dict
     sampling: SamplingConfig
     cache: CacheConfig
-    schedule: "StaticSchedule | None" = None  # noqa: F821 - qcache.cache.StaticSchedule
+    schedule: StaticSchedule | None = None  # noqa: F821 - qcache.cache.StaticSchedule
     vc_factors: torch.Tensor | None = None  # (steps, channels)
     source: str = ""
     info: dict = field(default_factory=dict)  # manifest / report extras
-    parts: "ModelParts | None" = None  # noqa: F821 - conditioner + VAE decoder; None: class model in pixel space
+    parts: ModelParts | None = None  # noqa: F821 - conditioner + VAE decoder; None: class model in pixel space
 
     def __post_init__(self) -> None:
         if self.parts is None:

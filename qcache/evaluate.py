@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from . import __version__
 from .classifier import classify
-from .cli import INT_LIMIT, check_output_path, run_cli, write_json
+from .cli import INT_LIMIT, check_output_path, write_json
 from .digits import load_split
 from .flops import count_flops
 from .metrics import fid_from_features

@@ -3,7 +3,8 @@
 PyTorch on CPU allocates every activation-sized tensor afresh. glibc serves large requests with ``mmap`` and hands
 them back to the OS on ``free``, so the next tensor of that size is page-faulted in again, page by page; on the
 shared VMs this project runs on that made a fresh activation-sized result many times slower than a reused one
-(``python tools/bench_alloc.py [--keep-freed-memory]`` measures it), for the uncached and the cached model alike. ``keep_freed_memory`` raises glibc's mmap and trim thresholds,
+(``python tools/bench_alloc.py [--keep-freed-memory]`` measures it), for the uncached and the cached model alike.
+``keep_freed_memory`` raises glibc's mmap and trim thresholds,
 the effect that jemalloc or tcmalloc give through ``LD_PRELOAD``. The CLI entry points call it at start
 (``QCACHE_KEEP_FREED_MEMORY=0`` turns it off); as a library, qcache leaves the allocator alone.
 """

@@ -6,7 +6,7 @@ other, so both sets must come from the same noise and labels (compressed vs full
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -71,7 +71,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"paired image sets must have equal (N, C, H, W) shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"paired image sets must have equal (N, C, H, W) shapes, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
 
 
 DIGITS_SHAPE = (1, 8, 8)

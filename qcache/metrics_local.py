@@ -25,8 +25,8 @@ import importlib.util
 import os
 import sys
 import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

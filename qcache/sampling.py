@@ -22,8 +22,8 @@ by (seed, batch index), so the same seed gives bit-identical images.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -158,7 +158,7 @@ class Sampler:
         return next(self.transformer.parameters()).dtype
 
     @contextlib.contextmanager
-    def extra_hooks(self, *hooks: SamplerHook) -> Iterator["Sampler"]:
+    def extra_hooks(self, *hooks: SamplerHook) -> Iterator[Sampler]:
         """Run the block with ``hooks`` appended after the sampler's own, and take them off again, even on error."""
         self.hooks.extend(hooks)
         try:

@@ -46,7 +46,8 @@ class VarianceCompensation(SamplerHook):
 
     def after_step(self, state: StepState) -> torch.Tensor | None:
         if state.num_steps != len(self.factors):
-            raise ValueError(f"VC factors were fitted for {len(self.factors)} steps, the sampler runs {state.num_steps}")
+            raise ValueError(f"VC factors were fitted for {len(self.factors)} steps, the sampler runs "
+                             f"{state.num_steps}")
         return compensate(state.latents, self.factors[state.index])
 
 

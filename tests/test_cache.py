@@ -3,15 +3,25 @@ schedules, tau tuning, accounting and the ``full_step`` flag."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from qcache.cache import (FeatureCache, Forecaster, RelationalEstimator, StaticSchedule, attach_cache, cache_layout,
-                          cache_sampler, executed_flops, interval_full_steps, record_schedule, replay, tune_tau,
-                          uniform_full_steps)
+from qcache.cache import (
+    Forecaster,
+    RelationalEstimator,
+    StaticSchedule,
+    attach_cache,
+    cache_layout,
+    cache_sampler,
+    executed_flops,
+    interval_full_steps,
+    record_schedule,
+    replay,
+    tune_tau,
+    uniform_full_steps,
+)
 from qcache.errors import QcacheError
 from qcache.recipe import CacheConfig, SamplingConfig
 from qcache.sampling import Sampler, SamplerHook

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcache.cache import (StaticSchedule, attach_cache, attach_schedule, cache_sampler, record_schedule,
-                          resolve_cache)
+from qcache.cache import StaticSchedule, attach_cache, attach_schedule, cache_sampler, record_schedule, resolve_cache
 from qcache.errors import QcacheError
 from qcache.recipe import CacheConfig, SamplingConfig
 from qcache.sampling import Sampler

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import qcache
-from qcache.artifact import ArtifactError, MANIFEST
+from qcache.artifact import MANIFEST, ArtifactError
 from qcache.compress import compress
 from qcache.recipe import recipe_from_dict
 from tests.conftest import REPO, SCHEDULER_CONFIG, cli_error, run_module, tiny_dit

@@ -169,7 +169,6 @@ def test_clip_score_matches_clips_own_forward(clip_dir: Path):
     from transformers import CLIPModel, CLIPProcessor
 
     from qcache.metrics_local import clip_score, local_metrics
-
     from tests.tiny_pipelines import prompts
 
     imgs, texts = images(4, 3), prompts(4)

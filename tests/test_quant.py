@@ -10,8 +10,17 @@ import torch
 from safetensors.torch import save
 
 from qcache.errors import QcacheError
-from qcache.quant import (AbsmaxObserver, PercentileObserver, checkpoint_bytes, load_quantized, observe_ranges,
-                          plan_quantization, quantize_transformer, run_calibration, save_quantized)
+from qcache.quant import (
+    AbsmaxObserver,
+    PercentileObserver,
+    checkpoint_bytes,
+    load_quantized,
+    observe_ranges,
+    plan_quantization,
+    quantize_transformer,
+    run_calibration,
+    save_quantized,
+)
 from qcache.recipe import QuantConfig, QuantOverride, RecipeError, recipe_from_dict
 from tests.conftest import tiny_dit
 

@@ -31,18 +31,34 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
-from common import (DIGITS_RECIPE, ROW_ERRORS, RecipeModel, fmt, markdown_table, quality_key, run_cli, run_row,
-                    time_interleaved, write_json)
+from common import (
+    DIGITS_RECIPE,
+    ROW_ERRORS,
+    RecipeModel,
+    fmt,
+    markdown_table,
+    quality_key,
+    run_cli,
+    run_row,
+    time_interleaved,
+    write_json,
+)
 from common import log as _log
 
 from qcache.compressed import CompressedModel  # noqa: E402
-from qcache.pipeline import (build_pool, cache_schedule, fit_variance_compensation, model_bytes,  # noqa: E402
-                             quantize_model, select_calibration)
+from qcache.pipeline import (  # noqa: E402
+    build_pool,
+    cache_schedule,
+    fit_variance_compensation,
+    model_bytes,
+    quantize_model,
+    select_calibration,
+)
 from qcache.quant import checkpoint_bytes, save_quantized  # noqa: E402
 from qcache.recipe import CacheConfig  # noqa: E402
 

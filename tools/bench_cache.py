@@ -24,12 +24,25 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from common import (DIGITS_RECIPE, ROW_ERRORS, RecipeModel, better, fmt, interleaved_times, log, markdown_table,
-                    one_line, quality_key, run_cli, run_row, write_json)
+from common import (
+    DIGITS_RECIPE,
+    ROW_ERRORS,
+    RecipeModel,
+    better,
+    fmt,
+    interleaved_times,
+    log,
+    markdown_table,
+    one_line,
+    quality_key,
+    run_cli,
+    run_row,
+    write_json,
+)
 
 from qcache.cache import attach_cache, executed_flops, tune_tau  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
@@ -146,7 +159,7 @@ def main() -> None:
                 row = {"method": name, "target_nfc": target, **({} if gran is None else {"granularity": gran})}
                 label = f"{name} target {target}" + ("" if gran is None else f" ({gran})")
                 cfg = cache_config(name, target, args, gran)
-                run_row(row, lambda: measure(rm, sampler, fp, cfg, target, args.n), label)
+                run_row(row, lambda cfg=cfg, target=target: measure(rm, sampler, fp, cfg, target, args.n), label)
                 rows.append(row)
                 if "error" not in row:
                     configs.append((row, cfg, row["tau"]))

@@ -30,8 +30,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import (DIGITS_RECIPE, ROW_ERRORS, RecipeModel, fmt, markdown_table, one_line, quality_key, run_cli,
-                    run_row, write_json)
+from common import (
+    DIGITS_RECIPE,
+    ROW_ERRORS,
+    RecipeModel,
+    fmt,
+    markdown_table,
+    one_line,
+    quality_key,
+    run_cli,
+    run_row,
+    write_json,
+)
 from common import log as _log
 
 from calibration.collect import collect_for_recipe  # noqa: E402

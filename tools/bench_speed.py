@@ -38,14 +38,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import (COMMON, FULL, MID, SCHEDULER, interleaved_times, log, one_line, random_dit, run_cli,  # noqa: F401
-                    wall_time, write_json)
+from common import (  # noqa: F401
+    COMMON,
+    FULL,
+    MID,
+    SCHEDULER,
+    interleaved_times,
+    log,
+    one_line,
+    random_dit,
+    run_cli,
+    wall_time,
+    write_json,
+)
 
 from qcache.cache import StaticSchedule, replay, uniform_full_steps  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
 from qcache.metrics import psnr  # noqa: E402
-from qcache.quant import (compile_regions, cpu_int_mm_route, forced_cpu_int_mm_route,  # noqa: E402
-                          quantize_transformer)
+from qcache.quant import compile_regions, cpu_int_mm_route, forced_cpu_int_mm_route, quantize_transformer  # noqa: E402
 from qcache.quant.torchao_backend import require_torchao  # noqa: E402
 from qcache.recipe import CacheConfig, QuantConfig, SamplingConfig  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
@@ -166,7 +176,7 @@ def gemm_microbench(device: torch.device, width: int, tokens: int) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(tokens, width, device=device, dtype=dtype)
         b = torch.randn(width, 4 * width, device=device, dtype=dtype)
-        (ts,) = interleaved_times([lambda: a @ b], 3, warmup=[lambda: a @ b], device=device)
+        (ts,) = interleaved_times([lambda a=a, b=b: a @ b], 3, warmup=[lambda a=a, b=b: a @ b], device=device)
         out[str(dtype).removeprefix("torch.")] = statistics.median(ts)
     out["bf16_over_fp32"] = out["bfloat16"] / out["float32"]
     return out
@@ -285,7 +295,8 @@ def main() -> None:
     cpu_baseline = args.baseline if args.baseline != "auto" else "bf16" if bf16_fast else "fp32"
     base = build_base(dims, args.seed, device)
     vs = variants(gpu_profile, compile_on, float8, not args.no_int8, cpu_baseline)
-    log(f"baseline: FP {vs[0].name}" + ("" if gpu_profile else f" (bf16 GEMM / fp32 GEMM = {gemm['bf16_over_fp32']:.2f})"))
+    ratio = "" if gpu_profile else f" (bf16 GEMM / fp32 GEMM = {gemm['bf16_over_fp32']:.2f})"
+    log(f"baseline: FP {vs[0].name}{ratio}")
     for v in vs:
         t0 = time.perf_counter()
         v.model = quantize_transformer(copy.deepcopy(base), v.cfg)

@@ -13,9 +13,10 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if sys.path[:1] != [str(REPO)]:
@@ -104,7 +105,7 @@ class RecipeModel:
     parts: Any  # qcache.families.ModelParts
 
     @classmethod
-    def load(cls, path: str | Path, source: str | None = None, device: str | None = None) -> "RecipeModel":
+    def load(cls, path: str | Path, source: str | None = None, device: str | None = None) -> RecipeModel:
         """The recipe at ``path``, with ``model.source`` / ``model.device`` overridden when given."""
         from qcache.models import load_model, load_parts
         from qcache.recipe import load_recipe

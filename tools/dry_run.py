@@ -15,7 +15,8 @@ The settings are tiny: ``--steps`` denoising steps (fixed cache schedule, half o
 is for GPUs).
 
 Building the random pipeline and compressing run in two child processes, so ``peak_rss_bytes`` (``getrusage`` max
-RSS of the second) is that of loading the pipeline and compressing, not of building the random model. Output (``--json``): ``config``, ``blocks``,
+RSS of the second) is that of loading the pipeline and compressing, not of building the random model.
+Output (``--json``): ``config``, ``blocks``,
 ``params``, ``peak_rss_bytes``, ``cache_bytes_per_image`` (the cache state of one generation divided by its
 images, measured with the compressed model's static schedule), ``artifact_bytes`` (every file of the artifact),
 ``stage_seconds`` (the compress report's stages, plus ``build`` and ``total``), ``stand_ins``.

@@ -42,7 +42,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     t0 = time.time()
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(y_train), generator=g)
         for idx in perm.split(64):

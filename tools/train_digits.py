@@ -75,7 +75,8 @@ def main() -> None:
     alphas = scheduler.alphas_cumprod
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = min(200, args.steps // 10)
-    lr_at = lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + torch.cos(torch.tensor(s / args.steps * torch.pi)).item())
+    lr_at = lambda s: (min(1.0, (s + 1) / max(1, warmup))
+                       * 0.5 * (1 + torch.cos(torch.tensor(s / args.steps * torch.pi)).item()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
     t0 = time.time()
@@ -108,7 +109,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     ema.save_pretrained(tmp / "transformer", safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
-    info = dict(ema_bias_corrected=True, steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema, label_drop=args.label_drop,
+    info = dict(ema_bias_corrected=True, steps=args.steps, batch=args.batch, lr=args.lr, ema=args.ema,
+                label_drop=args.label_drop,
                 seed=args.seed, train_seconds=round(elapsed, 1), threads=torch.get_num_threads(),
                 final_loss=round(loss.item(), 5), torch=torch.__version__)
     (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")

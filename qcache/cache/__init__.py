@@ -41,8 +41,17 @@ from .adapters import CacheLayout, cache_layout
 from .attach import CacheSetup, attach_schedule, cache_sampler, replay, resolve_cache
 from .forecast import Forecaster, ModuleState, RelationalEstimator
 from .hooks import FeatureCache, attach_cache, make_policy
-from .schedule import (AllSteps, FixedSchedule, RelationalSchedule, StaticSchedule, StepPolicy, interval_full_steps,
-                       record_schedule, trace_full_steps, uniform_full_steps)
+from .schedule import (
+                       AllSteps,
+                       FixedSchedule,
+                       RelationalSchedule,
+                       StaticSchedule,
+                       StepPolicy,
+                       interval_full_steps,
+                       record_schedule,
+                       trace_full_steps,
+                       uniform_full_steps,
+)
 from .tuning import TuneResult, exact_nfc_schedule, tune_tau, watched_trace
 
 __all__ = [

@@ -70,7 +70,7 @@ def eligible(block: torch.nn.Module, names: set[str]) -> bool:
 class BlockFastPath(ModelHook):
     """On one block: its own forward on full steps, the lean forecast-only forward on cached steps."""
 
-    def __init__(self, control: StepControl, workspace: "Workspace", states: dict[str, ModuleState],
+    def __init__(self, control: StepControl, workspace: Workspace, states: dict[str, ModuleState],
                  watched: str | None) -> None:
         super().__init__()
         self.control = control

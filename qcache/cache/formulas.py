@@ -143,7 +143,8 @@ def forecast(value: torch.Tensor, w: torch.Tensor, diffs: torch.Tensor, scale: t
         for i in range(diffs.shape[1]):
             pred = pred + c[:, i] * diffs[:, i].to(v.dtype)
         return pred.view(v.shape)
-    res = torch.baddbmm(v.reshape(n, 1, -1), coef, hi(diffs).to(v.dtype), out=None if out is None else out.view(n, 1, -1))
+    res = torch.baddbmm(v.reshape(n, 1, -1), coef, hi(diffs).to(v.dtype),
+                        out=None if out is None else out.view(n, 1, -1))
     return res.view(v.shape)
 
 

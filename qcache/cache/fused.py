@@ -12,7 +12,7 @@ shape (batch size, number of differences) compiles once more.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from ..compiling import compile_fn
 from . import formulas
@@ -36,7 +36,7 @@ _sample_dist = formulas.sample_dist
 _norm_mod = formulas.module_input
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(step: str | Callable) -> Callable:
     """The compiled version of a step function of formulas.py (the function, or its name in ``STEPS``), compiled
     once per process with ``BACKEND`` (one graph per input signature: precision, number of differences, eps,

@@ -36,7 +36,7 @@ class _ModuleCacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: "FeatureCache", name: str, state: ModuleState, watched: bool, io: ModuleIO) -> None:
+    def __init__(self, cache: FeatureCache, name: str, state: ModuleState, watched: bool, io: ModuleIO) -> None:
         super().__init__()
         self.cache = cache
         self.name = name
@@ -80,7 +80,7 @@ class _BlockCacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: "FeatureCache", name: str, state: ModuleState, watched: bool, io: ModuleIO) -> None:
+    def __init__(self, cache: FeatureCache, name: str, state: ModuleState, watched: bool, io: ModuleIO) -> None:
         super().__init__()
         self.cache, self.name, self.state, self.watched, self.io = cache, name, state, watched, io
 
@@ -119,7 +119,7 @@ class _SpanHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: "FeatureCache", name: str, span: _Span, first: bool, last: bool, io: ModuleIO) -> None:
+    def __init__(self, cache: FeatureCache, name: str, span: _Span, first: bool, last: bool, io: ModuleIO) -> None:
         super().__init__()
         self.cache, self.name, self.span, self.first, self.last, self.io = cache, name, span, first, last, io
 
@@ -167,7 +167,7 @@ def cached_blocks(layout, cfg: CacheConfig) -> list[str]:
 class _StepHook(ModelHook):
     """On the transformer: every model call is one denoising step."""
 
-    def __init__(self, cache: "FeatureCache") -> None:
+    def __init__(self, cache: FeatureCache) -> None:
         super().__init__()
         self.cache = cache
 
@@ -242,7 +242,7 @@ class FeatureCache(SamplerHook):
         self.attached = True
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
-    def add_to(self, sampler) -> "FeatureCache":
+    def add_to(self, sampler) -> FeatureCache:
         """Append this cache to ``sampler.hooks`` (once); ``remove()`` takes it off again. Returns the cache."""
         if not any(h is self for h in sampler.hooks):
             sampler.hooks.append(self)
@@ -250,7 +250,7 @@ class FeatureCache(SamplerHook):
             self._samplers.append(sampler)
         return self
 
-    def __enter__(self) -> "FeatureCache":
+    def __enter__(self) -> FeatureCache:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -58,7 +58,7 @@ class StaticSchedule:
                 "nfc": self.nfc, "full_steps": list(self.full_steps), "policy": self.policy, "params": self.params}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "schedule") -> "StaticSchedule":
+    def from_dict(cls, d: dict, where: str = "schedule") -> StaticSchedule:
         """Validate a schedule read from JSON: format, sampler, steps, full steps (integers, not booleans, in
         [0, steps), unique, sorted, step 0 included), nfc, policy and every parameter's type and range."""
         from ..cli import short, short_str
@@ -112,7 +112,7 @@ class StaticSchedule:
         write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "StaticSchedule":
+    def load(cls, path: str | Path) -> StaticSchedule:
         p = Path(path)
         try:
             data = json.loads(p.read_text())
@@ -142,7 +142,7 @@ def schedule_params(cfg: CacheConfig, tau: float | None = None) -> dict:
     return d
 
 
-def record_schedule(cache: "FeatureCache", sampler: Sampler, generation: int = -1,
+def record_schedule(cache: FeatureCache, sampler: Sampler, generation: int = -1,
                     tau: float | None = None) -> StaticSchedule:
     """The full-step mask of one generation the cache served, as a static schedule."""
     gens = cache.stats._done()
@@ -197,7 +197,8 @@ class AllSteps(StepPolicy):
 
 
 class FixedSchedule(StepPolicy):
-    """Full steps from a fixed list, or from (warmup, interval), or ``nfc`` evenly spread once the step count is known."""
+    """Full steps from a fixed list, or from (warmup, interval), or ``nfc`` evenly spread once the step count is
+    known."""
 
     def __init__(self, warmup: int = 1, interval: int = 1, nfc: int | None = None,
                  full_steps: list[int] | None = None) -> None:
@@ -255,7 +256,7 @@ class RelationalSchedule(StepPolicy):
 
 
 # ---- exact-count schedules on the error trace ------------------------------------------------------------------
-def trace_costs(trace: list[torch.Tensor]) -> "torch.Tensor":
+def trace_costs(trace: list[torch.Tensor]) -> torch.Tensor:
     """E[p, s, t]: RCS's error at step t (mean over images of ||I_t - F_t||_1 / ||I_t||_1) when the last two full
     steps are p < s < t and F is the linear forecast through them (p = s: the last value, before a second full
     step). Shape (N, N, N), +inf where undefined."""

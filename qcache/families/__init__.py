@@ -6,8 +6,7 @@ conditions and conditioners (class labels or prompt embeddings, and the null con
 """
 
 from .base import CacheLayout, ModelFamily, ModuleIO, QuantPatterns
-from .conditions import (ClassCondition, ClassConditioner, Condition, Conditioner, PromptConditioner,
-                         TextCondition)
+from .conditions import ClassCondition, ClassConditioner, Condition, Conditioner, PromptConditioner, TextCondition
 from .registry import FAMILIES, family_by_name, family_for, family_for_class, supported_classes
 
 __all__ = [

@@ -11,8 +11,8 @@ calibration pass re-creates the exact condition of the sampled trajectory.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -25,16 +25,16 @@ class Condition:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def select(self, idx: torch.Tensor) -> "Condition":
+    def select(self, idx: torch.Tensor) -> Condition:
         raise NotImplementedError
 
-    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Condition":
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Condition:
         raise NotImplementedError
 
-    def cat(self, other: "Condition") -> "Condition":
+    def cat(self, other: Condition) -> Condition:
         raise NotImplementedError
 
-    def with_guidance(self, scale: float) -> "Condition":
+    def with_guidance(self, scale: float) -> Condition:
         """The same condition with an embedded guidance scale (guidance-distilled models, e.g. FLUX.1-dev)."""
         raise QcacheError(f"sampling.guidance_scale: {type(self).__name__} cannot carry an embedded guidance scale")
 
@@ -48,13 +48,13 @@ class ClassCondition(Condition):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def select(self, idx: torch.Tensor) -> "ClassCondition":
+    def select(self, idx: torch.Tensor) -> ClassCondition:
         return ClassCondition(self.labels[idx])
 
-    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ClassCondition":
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> ClassCondition:
         return ClassCondition(self.labels.to(device))
 
-    def cat(self, other: Condition) -> "ClassCondition":
+    def cat(self, other: Condition) -> ClassCondition:
         return ClassCondition(torch.cat([self.labels, other.labels]))
 
 
@@ -75,26 +75,26 @@ class TextCondition(Condition):
     def __len__(self) -> int:
         return len(self.embeds)
 
-    def select(self, idx: torch.Tensor) -> "TextCondition":
+    def select(self, idx: torch.Tensor) -> TextCondition:
         return TextCondition(self.embeds[idx], None if self.mask is None else self.mask[idx],
                              None if self.pooled is None else self.pooled[idx],
                              None if self.guidance is None else self.guidance[idx])
 
-    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "TextCondition":
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> TextCondition:
         # the guidance scale stays float32, as FluxPipeline makes it (the model casts it)
         return TextCondition(self.embeds.to(device, dtype), None if self.mask is None else self.mask.to(device),
                              None if self.pooled is None else self.pooled.to(device, dtype),
                              None if self.guidance is None else self.guidance.to(device))
 
-    def cat(self, other: Condition) -> "TextCondition":
+    def cat(self, other: Condition) -> TextCondition:
         return TextCondition(torch.cat([self.embeds, other.embeds]), _cat_opt(self.mask, other.mask),
                              _cat_opt(self.pooled, other.pooled), _cat_opt(self.guidance, other.guidance))
 
-    def with_guidance(self, scale: float) -> "TextCondition":
+    def with_guidance(self, scale: float) -> TextCondition:
         g = torch.full((len(self),), float(scale), dtype=torch.float32, device=self.embeds.device)
         return TextCondition(self.embeds, self.mask, self.pooled, g)
 
-    def expand(self, n: int) -> "TextCondition":
+    def expand(self, n: int) -> TextCondition:
         """One condition (a batch of 1) repeated n times."""
         return self.select(torch.zeros(n, dtype=torch.long))
 
@@ -191,7 +191,7 @@ class PromptConditioner(Conditioner):
 
     @classmethod
     def encode(cls, prompts: Sequence[str], encoder: Encoder, negative_prompt: str = "",
-               batch_size: int = 16) -> "PromptConditioner":
+               batch_size: int = 16) -> PromptConditioner:
         """Encode ``prompts`` (in batches) and the negative prompt with ``encoder``."""
         parts = [encoder(list(prompts[i:i + batch_size])) for i in range(0, len(prompts), batch_size)]
         bank = parts[0]
@@ -199,7 +199,7 @@ class PromptConditioner(Conditioner):
             bank = bank.cat(p)
         return cls(prompts, bank, encoder([negative_prompt]), negative_prompt, encoder)
 
-    def with_prompts(self, prompts: Sequence[str]) -> "PromptConditioner":
+    def with_prompts(self, prompts: Sequence[str]) -> PromptConditioner:
         """A conditioner over other prompts (ids 0..len-1), encoded with the same encoder and negative prompt."""
         if list(prompts) == self.prompts:
             return self

@@ -23,7 +23,8 @@ from .builtin_models import BUILTIN_DIR, BUILTIN_PREFIX, builtin_names
 
 SUPPORTED_CLASSES = supported_classes()
 # DiT's published training schedule; used when a source ships no scheduler config.
-DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                            "beta_schedule": "linear"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -9,8 +9,15 @@
 dtype, regional ``torch.compile``) through the same four functions; torchao is imported only then.
 """
 
-from .kernels import (chosen_cpu_int_mm_route, cpu_int_mm, cpu_int_mm_route, exact_cpu_int_mm, exact_int_mm,
-                      forced_cpu_int_mm_route, use_exact_cpu_int_mm)
+from .kernels import (
+                      chosen_cpu_int_mm_route,
+                      cpu_int_mm,
+                      cpu_int_mm_route,
+                      exact_cpu_int_mm,
+                      exact_int_mm,
+                      forced_cpu_int_mm_route,
+                      use_exact_cpu_int_mm,
+)
 from .observers import AbsmaxObserver, PercentileObserver, observe_ranges
 from .plan import CONDITIONING_PATTERNS, KEEP_PATTERNS, PRESETS, plan_quantization
 from .quantize import quantize_transformer, run_calibration

@@ -10,7 +10,8 @@ CUDA keeps quanto's own kernels; torchao's CPU int8 path gets the same treatment
 it (qcache calls it where it builds or loads a quantized model); importing qcache patches nothing.
 
 CPUs with int8 dot-product units (AVX512-VNNI, AMX) run ``torch._int_mm`` itself several times faster than an
-fp32 matmul (docs/speed.md). Both routes give the same integers, so the choice is speed only: ``chosen_cpu_int_mm_route`` times each once per process on a DiT-sized GEMM
+fp32 matmul (docs/speed.md). Both routes give the same integers, so the choice is speed only:
+``chosen_cpu_int_mm_route`` times each once per process on a DiT-sized GEMM
 and keeps the faster; the environment variable ``QCACHE_CPU_INT_MM`` (``auto``, ``native`` or ``float``) overrides
 it, and ``forced_cpu_int_mm_route`` overrides both inside a ``with`` block.
 """
@@ -59,7 +60,7 @@ def _best_of(fn, repeats: int = 3) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def chosen_cpu_int_mm_route() -> str:
     """``native`` (``torch._int_mm``) or ``float`` (``exact_int_mm``): the faster of the two on this CPU, timed once
     per process (a few ms), unless ``QCACHE_CPU_INT_MM`` names one. Both give bit-identical results."""

@@ -7,7 +7,7 @@ range. Ranges become quanto scales as ``range / 127``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -26,7 +26,7 @@ FORMAT = "qcache-quanto/1"
 
 
 def run_calibration(model: torch.nn.Module, calib, guidance: bool | float = True, batch_size: int = 128,
-                    conditioner: "Conditioner | None" = None) -> None:  # noqa: F821 - qcache.families
+                    conditioner: Conditioner | None = None) -> None:  # noqa: F821 - qcache.families
     """One forward pass of the model over every row of ``calib`` (columns x, timestep and the conditioner's id
     column: ``class_label`` for class models, ``prompt_index`` for text models).
 

@@ -43,8 +43,13 @@ def require_torchao():
 def ao_config(weights: str, activations: str, float8: bool):
     """The torchao config object for one plan entry (weights int8, activations int8 | none)."""
     require_torchao()
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
-                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow)
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
 
     if weights != "int8":
         raise QcacheError(f"quant.backend: torchao has no {weights} weights here (int8 and float8 only)")

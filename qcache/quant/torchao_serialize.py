@@ -9,8 +9,8 @@ the file, then moves the model to the device and re-applies ``torch.compile`` if
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -38,7 +38,8 @@ def flat_state(model: torch.nn.Module, keep_dtype: str) -> tuple[dict[str, torch
         v = v.detach()
         if not _is_subclass(v):
             v = v.cpu().contiguous()
-            if v.is_floating_point() and target.itemsize < v.dtype.itemsize and torch.equal(v.to(target).to(v.dtype), v):
+            if (v.is_floating_point() and target.itemsize < v.dtype.itemsize
+                    and torch.equal(v.to(target).to(v.dtype), v)):
                 v = v.to(target)
         else:
             v = v.to("cpu")
