@@ -40,7 +40,7 @@ import torch
 
 from . import __version__
 from .artifact import write_artifact
-from .cli import check_output_path, run_cli, short_str, write_json
+from .cli import check_output_path, json_bytes, run_cli, short_str, write_json
 from .compressed import CompressedModel
 from .errors import QcacheError
 from .families.parts import ModelParts
@@ -273,7 +273,7 @@ def _build_vc(r: CompressRun, tmp: Path):
     if factors is not None:
         factors = factors.detach().cpu().contiguous()  # as a reused run loads it back
         save_file({"factors": factors}, str(tmp / VC_FILE))
-    (tmp / "curves.json").write_text(json.dumps(curves))
+    (tmp / "curves.json").write_bytes(json_bytes(curves, indent=None))
     info = {"enabled": factors is not None, "final_error_without": curves["without_vc"][-1]}
     if factors is not None:
         info.update(min=float(factors.min()), max=float(factors.max()), mean=float(factors.mean()),
@@ -373,7 +373,7 @@ def _compress(recipe: Recipe, loaded: LoadedModel, parts, inputs: dict, out: Pat
     log("[artifact] writing report, plots and the artifact ...")
     files = plots(report, run.product("reference").images, run.product("evaluate").images)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
-    report_json = (json.dumps(report, indent=2, default=str) + "\n").encode()
+    report_json = json_bytes(report, default=str)
     files.update({"report.json": report_json, "report.md": report_markdown(report).encode()})
     artifact = write_artifact(out / "artifact", compressed, recipe, files)
     write_json(out / "report.json", report)

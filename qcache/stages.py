@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli import json_bytes
 from .fingerprint import umask
 
 STAGE_FILE = "stage.json"
@@ -83,7 +84,7 @@ class StageStore:
             info = build(tmp) or {}
             seconds = time.perf_counter() - t0
             meta = {"name": name, "key": key, "seconds": round(seconds, 3), "info": info}
-            (tmp / STAGE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            (tmp / STAGE_FILE).write_bytes(json_bytes(meta, default=str))
             final = self.root / name
             if final.exists():
                 shutil.rmtree(final)
