@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
 
 import torch
 
@@ -28,8 +27,6 @@ from .families.parts import ModelParts, default_parts
 from .metrics import compare_sets
 from .recipe import Recipe
 from .sampling import Sampler, SampleSet, make_noise
-
-Log = Callable[[str], None]
 
 
 def _parts(parts: ModelParts | None, transformer: torch.nn.Module) -> ModelParts:

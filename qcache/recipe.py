@@ -266,12 +266,6 @@ class Recipe:
 UNSUPPORTED_SECTIONS: dict[str, str] = {}
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
 def _check_value(path: str, tp: Any, value: Any, meta: dict) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import QcacheError
-from ..families.base import DEFAULT_IO, CacheLayout, ModuleIO
+from ..families.base import CacheLayout, ModuleIO
 
-__all__ = ["CacheLayout", "ModuleIO", "cache_layout", "module_input"]
+__all__ = ["CacheLayout", "ModuleIO", "cache_layout"]
 
 
 def cache_layout(transformer: torch.nn.Module) -> CacheLayout:
@@ -24,8 +24,3 @@ def cache_layout(transformer: torch.nn.Module) -> CacheLayout:
         raise QcacheError(f"cache: no adapter for {type(transformer).__name__} (supported: "
                           f"{', '.join(_BY_CLASS)})")
     return fam.cache_layout(transformer)
-
-
-def module_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The tensor a one-in, one-out cacheable module transforms: its first argument (or ``hidden_states``)."""
-    return DEFAULT_IO.input(args, kwargs)
