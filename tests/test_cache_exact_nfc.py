@@ -33,8 +33,13 @@ def test_trace_schedule_has_exactly_the_count_and_the_warmup(nfc):
 
 
 def test_trace_schedule_spends_its_steps_where_the_input_moves():
+    # without a gap bound the curved part gets the full steps; the linear part forecasts
+    full = trace_full_steps(trace(kink=12), 7, warmup=1, gap=20)
+    assert sum(i > 12 for i in full) >= 4
+    # with the default bound (no gap over 1.25x the even spacing: 4 here) steps 0..12 need 0, 4, 8, 12 at most
+    # apart, and every remaining step still goes to the curved part
     full = trace_full_steps(trace(kink=12), 7, warmup=1)
-    assert sum(i > 12 for i in full) >= 4  # the curved part needs the full steps; the linear part forecasts
+    assert max(b - a for a, b in zip(full, full[1:])) <= 4 and sum(i > 12 for i in full) == 3
 
 
 def test_trace_schedule_spreads_evenly_where_the_input_curves_evenly():
