@@ -99,11 +99,6 @@ def make_scheduler(name: str, base_config: dict):
     raise ValueError(f"sampling.scheduler: must be one of {SCHEDULERS}, got {name!r}")
 
 
-def default_labels(n: int, num_classes: int) -> torch.Tensor:
-    """Balanced labels 0, 1, ..., num_classes-1, 0, 1, ... for n samples."""
-    return torch.arange(n) % num_classes
-
-
 def make_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
     """Initial noise of a whole sample set, drawn on CPU from one generator so it does not depend on the device."""
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
