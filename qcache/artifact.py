@@ -410,7 +410,9 @@ def load_artifact(path: str | Path, device: str = "auto"):
     dev = resolve_device(recipe.model.device if device == "auto" else device)
     transformer = load_quantized(root / TRANSFORMER_DIR, device=dev)
     if factors is not None:
-        channels = int(getattr(transformer.config, "in_channels", factors.shape[-1]))
+        from .families.registry import family_for
+
+        channels = family_for(transformer).sample_shape(transformer)[0]  # the sampler's latent channels (FLUX unpacks)
         check_vc_factors(factors, sampling.steps, channels, (recipe.vc.clamp_min, recipe.vc.clamp_max),
                          f"artifact: {short_str(root / VC_FILE)}")
     base = manifest.get("base_model", "")

@@ -85,13 +85,16 @@ def check_inputs(recipe: Recipe, loaded: LoadedModel, parts) -> None:
     from .cache import StaticSchedule
     from .sampling import Sampler, make_scheduler
 
-    try:
-        make_scheduler(recipe.sampling.scheduler, loaded.scheduler_config).set_timesteps(recipe.sampling.steps)
+    sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
+    try:  # the timesteps exactly as the sampler sets them (FLUX's dynamic shift needs the family's mu)
+        extra = sampler.family.timestep_kwargs(loaded.scheduler_config, sampler.sample_shape, loaded.transformer,
+                                               steps=recipe.sampling.steps)
+        make_scheduler(recipe.sampling.scheduler, loaded.scheduler_config).set_timesteps(recipe.sampling.steps,
+                                                                                         **extra)
     except Exception as e:  # diffusers raises ValueError, NotImplementedError, TypeError, ... on a bad config
         first = str(e).splitlines()[0] if str(e) else ""
         raise QcacheError(f"model.source: diffusers refuses its scheduler config for sampling.scheduler "
                           f"{recipe.sampling.scheduler!r}: {type(e).__name__}: {short_str(first)}") from None
-    sampler = Sampler(loaded.transformer, loaded.scheduler_config, recipe.sampling, conditioner=parts.conditioner)
     if recipe.cache.schedule is not None and recipe.cache.policy != "none":
         StaticSchedule.load(recipe.cache.schedule).check(sampler)
 

@@ -236,16 +236,16 @@ def _schedule_file(tmp_path: Path, steps: int) -> str:
 
 
 @pytest.mark.parametrize("case,message", [
-    ("bogus_beta_schedule", r"^model\.source: .*scheduler config .*NotImplementedError: bogus"),
+    ("bogus_beta_schedule", r"^model\.source: .*scheduler_config\.json: not accepted by diffusers .*bogus"),
     ("too_few_train_steps", r"^model\.source: .*scheduler config .*ValueError"),
     ("schedule_missing", r"^cache\.schedule: file not found"),
     ("schedule_not_json", r"^cache\.schedule: cannot read"),
     ("schedule_other_steps", r"^cache\.schedule: made for ddim with 6 steps"),
-    ("out_under_a_file", r"^output\.dir: cannot create .*: Not a directory$"),
+    ("out_under_a_file", r"^output\.dir: .*file is not a directory, so .*out cannot be created$"),
     ("out_is_a_file", r"^output\.dir: .* exists and is not a directory$"),
-    ("out_name_too_long", r"^output\.dir: cannot create .*\.\.\..*: File name too long$"),
-    ("out_path_too_long", r"^output\.dir: cannot create .*: File name too long$"),
-    ("out_in_proc", r"^output\.dir: cannot create /proc/"),
+    ("out_name_too_long", r"^output\.dir: path is longer than 4096 bytes, got .*\.\.\."),
+    ("out_path_too_long", r"^output\.dir: path is longer than 4096 bytes"),
+    ("out_in_proc", r"^output\.dir: cannot write under /proc"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(digits: Path, tmp_path: Path, case: str, message: str):
     root = tmp_path / "work"
@@ -280,7 +280,7 @@ def test_bad_input_is_refused_before_anything_is_written(digits: Path, tmp_path:
 def test_out_flag_is_named_when_the_path_came_from_it(digits: Path, tmp_path: Path):
     (tmp_path / "file").write_text("x")
     recipe = recipe_from_dict(small_recipe(digits, tmp_path / "unused"))
-    with pytest.raises(QcacheError, match=r"^--out: cannot create"):
+    with pytest.raises(QcacheError, match=r"^--out: .*file is not a directory, so .*out cannot be created$"):
         compress(recipe, tmp_path / "file" / "out", progress=False, log=quiet)
     assert not (tmp_path / "unused").exists()
 
