@@ -64,14 +64,26 @@ class _ModuleCacheHook(ModelHook):
         return module
 
 
-def _residual(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """A block's residual ``out - inp``; where the block drops a stream (SD3's last block returns no text tokens),
-    the output is a prefix of the input's tokens."""
-    return out - (inp if out.shape == inp.shape else inp[:, : out.shape[1]])
-
-
 def _prefix(inp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``inp`` cut to ``like``'s tokens: where a block drops a stream (SD3's last block returns no text tokens), its
+    output is a prefix of the input's tokens."""
     return inp if like.shape == inp.shape else inp[:, : like.shape[1]]
+
+
+def _residual_step(hook: ModelHook, state: ModuleState, inp: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """One step of a residual unit (a block, or a span ending at this block) whose input is ``inp``: full steps run
+    the module and record its residual ``out - inp``; cached steps return ``inp`` + the forecast residual."""
+    cache, io = hook.cache, hook.io
+    if cache.full:
+        out = hook.fn_ref.original_forward(*args, **kwargs)
+        packed = io.pack(out)
+        state.observe(cache.step, inp, packed - _prefix(inp, packed))
+        return out
+    state.check_ready()
+    pred = state.cached_step(cache.step, _prefix(inp, state.forecaster.value), None, inp=inp)
+    if cache.errors is not None:  # diagnostics: the real output too (a span's blocks ran for it), as cached
+        cache._record_error(hook.name, pred, io.pack(hook.fn_ref.original_forward(*args, **kwargs)))
+    return io.unpack(pred, args, kwargs)
 
 
 class _BlockCacheHook(ModelHook):
@@ -85,19 +97,10 @@ class _BlockCacheHook(ModelHook):
         self.cache, self.name, self.state, self.watched, self.io = cache, name, state, watched, io
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        cache, io = self.cache, self.io
-        inp = io.input(args, kwargs)
+        inp = self.io.input(args, kwargs)
         if self.watched:
-            cache.decide(inp)
-        if cache.full:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            self.state.observe(cache.step, inp, _residual(inp, io.pack(out)))
-            return out
-        self.state.check_ready()
-        pred = self.state.cached_step(cache.step, _prefix(inp, self.state.forecaster.value), None, inp=inp)
-        if cache.errors is not None:
-            cache._record_error(self.name, pred, io.pack(self.fn_ref.original_forward(*args, **kwargs)))
-        return io.unpack(pred, args, kwargs)
+            self.cache.decide(inp)
+        return _residual_step(self, self.state, inp, args, kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state.reset()
@@ -132,16 +135,7 @@ class _SpanHook(ModelHook):
         if not self.last:
             return self.fn_ref.original_forward(*args, **kwargs) if run else io.unpack(io.input(args, kwargs), args,
                                                                                       kwargs)
-        inp = span.inp
-        if cache.full:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            span.state.observe(cache.step, inp, _residual(inp, io.pack(out)))
-            return out
-        span.state.check_ready()
-        pred = span.state.cached_step(cache.step, _prefix(inp, span.state.forecaster.value), None, inp=inp)
-        if cache.errors is not None:  # the span's blocks ran for the error; the forecast goes on, as cached
-            cache._record_error(self.name, pred, io.pack(self.fn_ref.original_forward(*args, **kwargs)))
-        return io.unpack(pred, args, kwargs)
+        return _residual_step(self, span.state, span.inp, args, kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.span.state.reset()
