@@ -103,8 +103,8 @@ def test_bench_cache_latency_run_that_fails_keeps_its_error():
             raise torch.OutOfMemoryError("out of memory at batch 100")
 
     nfcs, errors = [], []
-    run = bc.timed_run(FailingSampler(), 100, None, None, nfcs, errors)
+    run = bc.timed_run(FailingSampler(), 100, None, nfcs, errors)
     run(), run()
     assert errors == ["OutOfMemoryError: out of memory at batch 100"] and nfcs == [] and FailingSampler.calls == 1
     with pytest.raises(torch.OutOfMemoryError):  # without an error list the failure propagates
-        bc.timed_run(FailingSampler(), 100, None, None, [])()
+        bc.timed_run(FailingSampler(), 100, None, [])()

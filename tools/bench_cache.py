@@ -6,10 +6,11 @@
 For every target NFC (25, 17, 14, 10, 8) it runs FORA, TaylorSeer (m=2), RFE-only (fixed, evenly spread full
 steps), RCS-only (TaylorSeer forecasts, tau tuned) and RFC (m=2, tau tuned). Every method samples the same n images
 from the same noise as the full-precision (FP) reference. Fixed schedules place exactly NFC full steps; RCS methods
-get tau by bisection on a separate calibration batch (seed ``--tune-seed``) and then run live, so their NFC is the
-one measured on the evaluation batch. Latency: every configuration, FP included, is timed in interleaved rounds in
-this same run (``qcache.evaluate.interleaved_times``); ``latency_ratio`` = median FP time / median time of the
-method.
+get their schedule as ``qcache.compress`` does (``resolve_cache``): tau by bisection on a separate calibration batch
+(seed ``--tune-seed``), run live when a tau gives exactly the target within the gap bound, otherwise exactly NFC full
+steps chosen on the calibration batch's error trace and replayed (``schedule_method`` in the row). Latency: every
+configuration, FP included, is timed in interleaved rounds in this same run (``qcache.evaluate.interleaved_times``);
+``latency_ratio`` = median FP time / median time of the method.
 
 Any recipe works, latent and text models included: latents are decoded by the model's VAE before they are compared.
 FID-to-FP needs the digits judge; elsewhere it is null and the acceptance block compares PSNR. A configuration that
@@ -44,7 +45,8 @@ from common import (
     write_json,
 )
 
-from qcache.cache import attach_cache, executed_flops, tune_tau  # noqa: E402
+from qcache.cache import executed_flops  # noqa: E402
+from qcache.cache.attach import CacheSetup, resolve_cache  # noqa: E402
 from qcache.errors import QcacheError  # noqa: E402
 from qcache.recipe import CacheConfig, recipe_to_dict  # noqa: E402
 from qcache.sampling import Sampler  # noqa: E402
@@ -75,21 +77,17 @@ def cache_config(name: str, target: int, args: argparse.Namespace, granularity: 
     return cfg if granularity is None else dataclasses.replace(cfg, granularity=granularity)
 
 
-def timed_run(sampler: Sampler, n: int, cfg: CacheConfig | None, tau: float | None, nfc_out: list,
+def timed_run(sampler: Sampler, n: int, setup: CacheSetup | None, nfc_out: list,
               errors: list | None = None) -> Callable[[], None]:
     """A function sampling n images with this cache attached (detached after); it appends the run's NFC to
     ``nfc_out``, or the error of a failed run to ``errors`` (out of memory at the latency batch size, say), after
     which it does nothing. Attaching (registering hooks) is inside the timed call; it costs microseconds."""
     def sample() -> float:
-        if cfg is None:
+        if setup is None:
             sampler.sample(n, progress=False)
             return float(sampler.config.steps)
-        cache = attach_cache(sampler.transformer, cfg, tau=tau)
-        try:
-            with sampler.extra_hooks(cache):
-                sampler.sample(n, progress=False)
-        finally:
-            cache.remove()
+        with setup.attach(sampler) as cache:
+            sampler.sample(n, progress=False)
         return cache.stats.mean_nfc()
 
     def run() -> None:
@@ -151,7 +149,7 @@ def main() -> None:
     fp = rm.pixels(fp_latents)
     rows = [{"method": "FP", "target_nfc": sampling.steps, "nfc": float(sampling.steps), "tau": None,
              **rm.compare(fp, fp), "flops_per_image": fp_flops / args.n, "cache_bytes_per_image": 0.0}]
-    configs: list[tuple[dict, CacheConfig | None, float | None]] = [(rows[0], None, None)]
+    configs: list[tuple[dict, CacheSetup | None]] = [(rows[0], None)]
 
     for target in targets:
         for gran in grans:
@@ -159,10 +157,11 @@ def main() -> None:
                 row = {"method": name, "target_nfc": target, **({} if gran is None else {"granularity": gran})}
                 label = f"{name} target {target}" + ("" if gran is None else f" ({gran})")
                 cfg = cache_config(name, target, args, gran)
-                run_row(row, lambda cfg=cfg, target=target: measure(rm, sampler, fp, cfg, target, args.n), label)
+                setups: list[CacheSetup] = []
+                run_row(row, lambda cfg=cfg, setups=setups: measure(rm, sampler, fp, cfg, args.n, setups), label)
                 rows.append(row)
                 if "error" not in row:
-                    configs.append((row, cfg, row["tau"]))
+                    configs.append((row, setups[0]))
                     log(f"{label}: nfc {row['nfc']:.1f} fid_to_fp {fmt(row['fid_to_fp'])} psnr {fmt(row['psnr'])} "
                         f"acc {fmt(row['class_accuracy'])} fid_data {fmt(row['fid_data'])}"
                         + (f" tau {row['tau']:.4g}" if row["tau"] is not None else ""))
@@ -171,14 +170,14 @@ def main() -> None:
     log(f"latency: {len(configs)} configurations x {args.repeats} rounds of {args.latency_samples} images")
     nfcs: list[list[float]] = [[] for _ in configs]
     errors: list[list[str]] = [[] for _ in configs]
-    runs = [timed_run(sampler, args.latency_samples, cfg, tau, out, err)
-            for (_, cfg, tau), out, err in zip(configs, nfcs, errors)]
-    warm = [timed_run(sampler, 2, None, None, [])]
+    runs = [timed_run(sampler, args.latency_samples, setup, out, err)
+            for (_, setup), out, err in zip(configs, nfcs, errors)]
+    warm = [timed_run(sampler, 2, None, [])]
     if args.cache_compile == "on":  # compiled graphs are specific to the batch shape: compile them untimed
         warm += runs[1:]
     times = interleaved_times(runs, args.repeats, warmup=warm, device=sampler.device)
     fp_time = statistics.median(times[0]) if not errors[0] else None
-    for (row, _, _), ts, nfc, err in zip(configs, times, nfcs, errors):
+    for (row, _), ts, nfc, err in zip(configs, times, nfcs, errors):
         if err or fp_time is None:
             row["latency_error"] = err[0] if err else f"FP: {errors[0][0]}"
             continue
@@ -203,22 +202,22 @@ def main() -> None:
         plot(rows, args.plot)
 
 
-def measure(rm: RecipeModel, sampler: Sampler, fp, cfg: CacheConfig, target: int, n: int) -> dict:
-    """One method's quality row: tau tuned when RCS schedules, n images from the reference noise, compared with it."""
-    tau, tune = None, {}
+def measure(rm: RecipeModel, sampler: Sampler, fp, cfg: CacheConfig, n: int, setups: list) -> dict:
+    """One method's quality row, the cache set up exactly as ``qcache.compress`` does (``resolve_cache``: RCS
+    methods get an exact-NFC schedule, from a tuned tau run live or chosen on the error trace and replayed), n
+    images from the reference noise, compared with it. The setup is appended to ``setups`` for the timed runs."""
     t0 = time.perf_counter()
-    if cfg.rcs and cfg.policy == "rfc":
-        res = tune_tau(sampler, cfg, target)
-        tau = res.tau
-        tune = {"tune_nfc": res.nfc, "tune_probes": len(res.probes), "tune_s": time.perf_counter() - t0}
-    cache = attach_cache(sampler.transformer, cfg, tau=tau)
-    try:
-        with sampler.extra_hooks(cache):
-            out, flops = executed_flops(lambda: sampler.sample(n, progress=False))
-    finally:
-        cache.remove()
+    setup = resolve_cache(sampler, cfg)
+    tune = {}
+    if setup.tuned is not None:
+        t = setup.tuned
+        tune = {"tune_nfc": t.nfc, "tune_probes": len(t.probes), "tune_s": time.perf_counter() - t0,
+                "schedule_method": t.method}
+    with setup.attach(sampler) as cache:
+        out, flops = executed_flops(lambda: sampler.sample(n, progress=False))
+    setups.append(setup)
     stats = cache.stats.report()
-    return {"nfc": stats["nfc"], "tau": tau, **rm.compare(fp, rm.pixels(out)), "flops_per_image": flops / n,
+    return {"nfc": stats["nfc"], "tau": setup.tau, **rm.compare(fp, rm.pixels(out)), "flops_per_image": flops / n,
             "cache_bytes_per_image": stats["cache_bytes_per_image"], "full_steps": stats["full_steps"], **tune}
 
 
