@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .errors import QcacheError
 from .families import Condition, Conditioner, family_for
+from .families.dedup import conditioning_dedup
 from .recipe import SamplingConfig
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "flow-euler")
@@ -209,26 +210,28 @@ class Sampler:
         steps = len(scheduler.timesteps)
         scale_input = getattr(scheduler, "scale_model_input", None)
         state = StepState(0, steps, scheduler.timesteps[0], latents, labels, self.config.guidance_scale)
-        for hook in self.hooks:
-            hook.on_start(state)
-        for i, t in enumerate(scheduler.timesteps):
-            state.index, state.timestep, state.latents, state.model_output = i, t, latents, None
+        # conditioning modules compute one row per distinct condition (families/dedup.py)
+        with conditioning_dedup(self.transformer, self.family.row_conditioning, model_cond.row_groups()):
             for hook in self.hooks:
-                hook.before_model(state)
-            model_in = latents if scale_input is None else scale_input(latents, t)
-            state.model_output = self.predict_noise(model_in, t, labels, model_cond)
+                hook.on_start(state)
+            for i, t in enumerate(scheduler.timesteps):
+                state.index, state.timestep, state.latents, state.model_output = i, t, latents, None
+                for hook in self.hooks:
+                    hook.before_model(state)
+                model_in = latents if scale_input is None else scale_input(latents, t)
+                state.model_output = self.predict_noise(model_in, t, labels, model_cond)
+                for hook in self.hooks:
+                    hook.after_model(state)
+                latents = scheduler.step(state.model_output, t, latents, generator=generator, return_dict=False)[0]
+                state.latents = latents
+                for hook in self.hooks:
+                    new = hook.after_step(state)
+                    if new is not None:
+                        latents = state.latents = new
+                if bar is not None:
+                    bar.update(1)
             for hook in self.hooks:
-                hook.after_model(state)
-            latents = scheduler.step(state.model_output, t, latents, generator=generator, return_dict=False)[0]
-            state.latents = latents
-            for hook in self.hooks:
-                new = hook.after_step(state)
-                if new is not None:
-                    latents = state.latents = new
-            if bar is not None:
-                bar.update(1)
-        for hook in self.hooks:
-            hook.on_end(state)
+                hook.on_end(state)
         return latents.float().cpu()
 
     def sample(self, n: int, seed: int | None = None, labels: torch.Tensor | None = None,

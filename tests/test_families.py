@@ -437,3 +437,46 @@ def test_generate_cli_takes_prompts_for_text_models(pipes, runs, tmp_path_factor
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == ("error: --class: PixArtTransformer2DModel is text-conditional; "
                                                    "use --prompt")
+
+
+# ---- conditioning once per distinct condition (families/dedup.py) -------------------------------------------------
+def test_row_groups_follow_first_appearance():
+    from qcache.families.dedup import RowGroups, equal_rows
+
+    g = RowGroups.from_keys(torch.tensor([7, 3, 7, 10, 3, 10]))
+    assert g.first.tolist() == [0, 1, 3] and g.inverse.tolist() == [0, 1, 0, 2, 1, 2]
+    assert RowGroups.from_keys(torch.tensor([1, 2, 3])) is None  # all distinct: nothing to share
+    emb = torch.randn(3, 5, 4)
+    rows = torch.cat([emb, torch.randn(1, 5, 4).expand(3, -1, -1)])  # CFG: 3 prompts, then the null one 3 times
+    mask = torch.ones(6, 5, dtype=torch.long)
+    g = equal_rows(rows, mask, None)
+    assert g.first.tolist() == [0, 1, 2, 3] and g.inverse.tolist() == [0, 1, 2, 3, 3, 3]
+    mask[4, 2] = 0  # one null row with another mask is its own group
+    assert equal_rows(rows, mask).inverse.tolist() == [0, 1, 2, 3, 4, 3]
+    assert equal_rows(emb) is None
+
+
+@pytest.mark.parametrize("fam,groups", [("dit", 4), ("pixart", 4), ("sd3", 4), ("flux", 3), ("flux-cfg", 4)])
+def test_conditioning_runs_once_per_distinct_condition(fam, groups, pipes, monkeypatch):
+    """3 images with CFG = 6 rows of 3 conditions + the null one: the embedders inside the conditioning modules see
+    4 rows (FLUX.1-dev: no CFG batch, 3 distinct rows, nothing shared); the samples equal those computed on every
+    row up to float rounding, and the hooks are gone after sampling."""
+    from qcache.families.dedup import HOOK_NAME, row_conditioning_modules
+
+    s = sampler_for(fam, pipes)
+    mods = row_conditioning_modules(s.transformer, s.family.row_conditioning)
+    inner = [c for m in mods for c in m.modules() if c is not m and isinstance(c, torch.nn.Linear)]
+    assert mods and inner
+    seen: list[int] = []
+    handles = [c.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0])) for c in inner]
+    try:
+        out = s.sample(3, seed=2, progress=False).images
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(seen) == {groups}
+    assert all(getattr(m, "_diffusers_hook", None) is None or m._diffusers_hook.get_hook(HOOK_NAME) is None
+               for m in mods)
+    monkeypatch.setattr(type(s.family), "row_conditioning", ())
+    ref = s.sample(3, seed=2, progress=False).images
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)  # the GEMM on fewer rows rounds differently

@@ -106,8 +106,11 @@ def calls_main(argv: list[str] | None = None) -> None:
                     help="the model's precision (int8: torchao W8A8 dynamic, float32 around it); model: as built")
     ap.add_argument("--compile-model", action="store_true",
                     help="regional torch.compile of the model (qcache.quant.compile_regions), as bench_speed's rows")
+    ap.add_argument("--granularity", default="module", metavar="LIST",
+                    help="comma-separated cache.granularity values (module, block, span): every policy at each")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
+    grans = [g.strip() for g in args.granularity.split(",") if g.strip()]
     if args.steps < 4 or args.every < 2:
         raise QcacheError("--steps must be >= 4 and --every >= 2")
     sampler = build(args.model, args.batch, args.steps, args.precision, args.compile_model)
@@ -117,12 +120,13 @@ def calls_main(argv: list[str] | None = None) -> None:
     for name in args.policies.split(","):
         if name not in POLICIES:
             raise QcacheError(f"--policies: unknown policy {name!r} (choose from {', '.join(POLICIES)})")
-        for comp in variants:
-            configs.append((name + (" compiled" if comp else ""),
-                            CacheConfig(**POLICIES[name], compile=comp, store_dtype=args.store_dtype)))
-        if args.module_hooks == "on":
-            configs.append((name + " module hooks",
-                            CacheConfig(**POLICIES[name], fast_path=False, store_dtype=args.store_dtype)))
+        for gran in grans:
+            label = name if gran == "module" else f"{name} {gran}"
+            base = dict(**POLICIES[name], store_dtype=args.store_dtype, granularity=gran)
+            for comp in variants:
+                configs.append((label + (" compiled" if comp else ""), CacheConfig(**base, compile=comp)))
+            if args.module_hooks == "on" and gran == "module":
+                configs.append((label + " module hooks", CacheConfig(**base, fast_path=False)))
     timers = {label: CallTimer() for label, _ in configs}
 
     def run(label: str, cfg: CacheConfig | None, timer: CallTimer | None) -> None:

@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..errors import QcacheError
 from ..families.base import DEFAULT_IO
+from ..hook_registry import remove_hook as _remove_hook
 from ..recipe import CacheConfig
 from ..sampling import SamplerHook, StepState
 from .accounting import CacheStats
@@ -358,18 +359,6 @@ class FeatureCache(SamplerHook):
             st.reset()
         self.policy.reset(None)
         self.attached = False
-
-
-def _remove_hook(module: torch.nn.Module, name: str) -> None:
-    reg = getattr(module, "_diffusers_hook", None)
-    if reg is None:
-        return
-    reg.remove_hook(name, recurse=False)
-    if not reg.hooks:  # leave the module exactly as it was: no registry, forward from the class again
-        del module._diffusers_hook
-        fwd = module.__dict__.get("forward")
-        if fwd is not None and getattr(fwd, "__func__", None) is type(module).forward:
-            del module.__dict__["forward"]
 
 
 def make_policy(cfg: CacheConfig, tau: float | None = None, full_steps: list[int] | None = None) -> StepPolicy:

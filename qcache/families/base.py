@@ -87,6 +87,9 @@ class ModelFamily:
     text_conditioned: bool = False
     needs_vae: bool = True  # latent-space model: images come from the pipeline's VAE
     quant: QuantPatterns = QuantPatterns((), ())
+    # modules computing each batch row from the timestep and the condition alone (embedders, adaLN linears):
+    # computed once per distinct condition while sampling (fnmatch patterns of module names; dedup.py)
+    row_conditioning: tuple[str, ...] = ()
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def sample_shape(self, transformer: torch.nn.Module) -> tuple[int, int, int]:

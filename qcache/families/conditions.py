@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QcacheError
+from .dedup import RowGroups, equal_rows
 
 
 class Condition:
@@ -38,6 +39,10 @@ class Condition:
         """The same condition with an embedded guidance scale (guidance-distilled models, e.g. FLUX.1-dev)."""
         raise QcacheError(f"sampling.guidance_scale: {type(self).__name__} cannot carry an embedded guidance scale")
 
+    def row_groups(self) -> RowGroups | None:
+        """Which rows carry the same condition (``dedup.RowGroups``); None when every row is distinct."""
+        return None
+
 
 @dataclass
 class ClassCondition(Condition):
@@ -56,6 +61,9 @@ class ClassCondition(Condition):
 
     def cat(self, other: Condition) -> ClassCondition:
         return ClassCondition(torch.cat([self.labels, other.labels]))
+
+    def row_groups(self) -> RowGroups | None:
+        return RowGroups.from_keys(self.labels)
 
 
 def _cat_opt(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -93,6 +101,9 @@ class TextCondition(Condition):
     def with_guidance(self, scale: float) -> TextCondition:
         g = torch.full((len(self),), float(scale), dtype=torch.float32, device=self.embeds.device)
         return TextCondition(self.embeds, self.mask, self.pooled, g)
+
+    def row_groups(self) -> RowGroups | None:
+        return equal_rows(self.embeds, self.mask, self.pooled, self.guidance)
 
     def expand(self, n: int) -> TextCondition:
         """One condition (a batch of 1) repeated n times."""

@@ -22,6 +22,7 @@ class DiTFamily(ModelFamily):
     needs_vae = False  # pixel-space DiTs (builtin:digits) have none; DiT-XL/2 decodes through its pipeline's VAE
     quant = QuantPatterns(keep=("pos_embed.*", "proj_out*"),
                           conditioning=("*norm1.emb.*", "*norm1.linear", "adaln_single.*", "*time_proj*"))
+    row_conditioning = ("*norm1.emb", "*norm1.linear", "proj_out_1")
 
     def forward(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         assert isinstance(cond, ClassCondition)

@@ -117,6 +117,8 @@ class FluxFamily(ModelFamily):
     quant = QuantPatterns(keep=("x_embedder", "proj_out", "norm_out.linear"),
                           conditioning=("time_text_embed.*", "context_embedder", "*norm1.linear",
                                         "*norm1_context.linear", "single_transformer_blocks.*.norm.linear"))
+    row_conditioning = ("time_text_embed", "context_embedder", "*norm1.linear", "*norm1_context.linear",
+                        "single_transformer_blocks.*.norm.linear", "norm_out.linear")
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def sample_shape(self, transformer: torch.nn.Module) -> tuple[int, int, int]:

@@ -30,6 +30,7 @@ class PixArtFamily(ModelFamily):
     text_conditioned = True
     needs_vae = True
     quant = QuantPatterns(keep=("pos_embed.*", "proj_out*"), conditioning=("adaln_single.*", "caption_projection.*"))
+    row_conditioning = ("adaln_single", "caption_projection")
 
     def added_cond_kwargs(self, transformer: torch.nn.Module, x: torch.Tensor) -> dict:
         if not getattr(transformer, "use_additional_conditions", False):

@@ -78,6 +78,8 @@ class SD3Family(ModelFamily):
     quant = QuantPatterns(keep=("pos_embed.*", "proj_out*"),
                           conditioning=("time_text_embed.*", "context_embedder", "*norm1.linear",
                                         "*norm1_context.linear", "norm_out.linear"))
+    row_conditioning = ("time_text_embed", "context_embedder", "*norm1.linear", "*norm1_context.linear",
+                        "norm_out.linear")
 
     def timestep_kwargs(self, scheduler_config: dict, sample_shape: tuple[int, int, int],
                         transformer: torch.nn.Module, steps: int | None = None) -> dict:
