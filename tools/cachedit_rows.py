@@ -30,6 +30,7 @@ import logging
 from collections.abc import Iterator
 from types import ModuleType
 
+import common  # noqa: F401 - first: puts this checkout's qcache in front of any installed copy
 import torch
 
 from qcache.errors import QcacheError
