@@ -122,6 +122,20 @@ def test_cachedit_attach_is_fresh_each_run_and_detach_restores_the_model(digits)
     assert torch.equal(sampler.sample(4, progress=False).images, fp)
 
 
+def test_cachedit_failing_enable_leaves_the_model_as_it_was(digits, monkeypatch):
+    cd = pytest.importorskip("cache_dit")
+    tr = digits[1].transformer
+    keys, mods = set(tr.__dict__), list(tr._modules)
+
+    def fail(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cd, "enable_cache", fail)  # after the adapter has patched the forward
+    with pytest.raises(RuntimeError, match="boom"), cdr.CacheDitSetup(0.1, False, 2).attach(digits[1]):
+        pass
+    assert set(tr.__dict__) == keys and list(tr._modules) == mods and "forward" not in tr.__dict__
+
+
 def test_cachedit_attach_without_cachedit_is_one_line_error(digits, monkeypatch):
     from qcache.errors import QcacheError
 

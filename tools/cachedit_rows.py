@@ -178,13 +178,15 @@ class CacheDitSetup:
         _, blocks = block_list(tr)
         keys, modules = {tr: set(tr.__dict__), blocks: set(blocks.__dict__)}, dict(tr._modules)
         stats = CacheDitStats(sampler.config.steps, len(blocks))
+        cache, cal = self.configs(cd, sampler.config.steps)
+        adapter = None
         with quiet():
-            adapter = self.adapter(cd, tr)
-            cache, cal = self.configs(cd, sampler.config.steps)
-            try:
+            try:  # building the adapter already patches the transformer's forward
+                adapter = self.adapter(cd, tr)
                 cd.enable_cache(adapter, cache_config=copy.deepcopy(cache), calibrator_config=copy.deepcopy(cal))
             except BaseException:
-                detach(cd, adapter, tr, keys, modules)
+                with contextlib.suppress(Exception):  # the module is restored even when cache-dit's undo fails
+                    detach(cd, adapter, tr, keys, modules)
                 raise
         try:
             with sampler.extra_hooks(_Refresh(cd, tr, stats)):
@@ -199,7 +201,8 @@ def detach(cd: ModuleType, adapter, tr: torch.nn.Module, keys: dict, modules: di
     submodules that were not there before (the patched ``forward``, ``_is_patched``, ``_norm1_emb``) are removed,
     the submodules put back as they were, in their order."""
     try:
-        cd.disable_cache(adapter)
+        if adapter is not None:
+            cd.disable_cache(adapter)
     finally:
         for mod, before in keys.items():
             for k in set(mod.__dict__) - before:
