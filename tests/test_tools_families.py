@@ -70,7 +70,7 @@ def test_bench_cache_on_a_latent_family_reports_psnr_and_records_a_failing_row(f
     out = tmp_path / "bc.json"
     run_tool(monkeypatch, bc, "--recipe", str(recipes[fam]), "--n", "3", "--targets", "4,3", "--methods",
              "FORA,TaylorSeer,RFC", "--latency-samples", "1", "--repeats", "1", "--tune-samples", "2",
-             "--json", str(out))
+             "--cachedit-thresholds", "", "--json", str(out))
     rep = json.loads(out.read_text())
     assert rep["complete"] and rep["family"] == fam and rep["quality"] == "psnr"
     rows = {(r["method"], r["target_nfc"]): r for r in rep["rows"]}

@@ -16,6 +16,19 @@ Any recipe works, latent and text models included: latents are decoded by the mo
 FID-to-FP needs the digits judge; elsewhere it is null and the acceptance block compares PSNR. A configuration that
 fails (a target no tau reaches, out of memory) keeps its error in its row (``"error"``) and the run goes on.
 ``--granularity module,block,span`` repeats every configuration at each ``cache.granularity``.
+
+cache-dit side by side (``pip install -e '.[compare]'``; without it these rows are skipped with one message line):
+``cache-dit DBCache`` and ``cache-dit DBCache+TaylorSeer`` (its calibrator, order 1) at every
+``--cachedit-thresholds`` value (``residual_diff_threshold``), ``Fn_compute_blocks`` 1 and ``Bn_compute_blocks`` 0
+(cache-dit's default); see tools/cachedit_rows.py for how it is attached. The comparison is fair by construction:
+cache-dit is attached to the transformer of the same ``Sampler`` object, so it samples the same noise, labels,
+scheduler and CFG batch as every other row; its warm-up equals the others' (``max_warmup_steps`` = ``--warmup``); its
+context is fresh for every batch; its latency is measured in the same interleaved rounds as FP and every qcache
+method (attach and detach inside the timed call, as for qcache), so the first block it always computes, its residual
+check and its calibrator are all in its cost, never derived from its NFC. Its rows record ``threshold`` and the
+measured ``nfc`` (steps minus cache-dit's own cached-steps count). ``--plot`` adds ``<plot>-latency.png``: quality
+against measured latency ratio, one curve per method; the acceptance block then compares qcache's best and
+cache-dit's best at latency ratios 2.0, 2.5 and 3.0, interpolated along each method's measured curve.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cachedit_rows as cdr
 import torch
 from common import (
     DIGITS_RECIPE,
@@ -77,7 +91,7 @@ def cache_config(name: str, target: int, args: argparse.Namespace, granularity: 
     return cfg if granularity is None else dataclasses.replace(cfg, granularity=granularity)
 
 
-def timed_run(sampler: Sampler, n: int, setup: CacheSetup | None, nfc_out: list,
+def timed_run(sampler: Sampler, n: int, setup: CacheSetup | cdr.CacheDitSetup | None, nfc_out: list,
               errors: list | None = None) -> Callable[[], None]:
     """A function sampling n images with this cache attached (detached after); it appends the run's NFC to
     ``nfc_out``, or the error of a failed run to ``errors`` (out of memory at the latency batch size, say), after
@@ -121,7 +135,12 @@ def main() -> None:
     ap.add_argument("--cache-compile", choices=("off", "on"), default="off",
                     help="cache.compile for every method: the cached steps' arithmetic through torch.compile "
                          "(qcache/cache/fused.py); each configuration then gets one untimed round first")
-    ap.add_argument("--plot", default=None, help="PNG of FID-to-FP (PSNR off the digits judge) against NFC")
+    ap.add_argument("--cachedit-thresholds", default="0.04,0.08,0.12,0.2,0.3", metavar="LIST",
+                    help="cache-dit's residual_diff_threshold values, one row per method each ('' for none)")
+    ap.add_argument("--cachedit-methods", default=",".join(cdr.METHODS), metavar="LIST",
+                    help="which cache-dit methods (comma-separated)")
+    ap.add_argument("--plot", default=None, help="PNG of FID-to-FP (PSNR off the digits judge) against NFC, and "
+                    "<plot>-latency.png of quality against measured latency ratio")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only combine the rows of earlier runs (each keeps the latency ratio of its own run)")
     args = ap.parse_args()
@@ -137,6 +156,15 @@ def main() -> None:
     if args.n < 2 or args.latency_samples < 1 or args.repeats < 1:
         raise QcacheError("--n must be >= 2, --latency-samples and --repeats >= 1")
     grans = granularities(args.granularity)
+    cd_methods = [m for m in args.cachedit_methods.split(",") if m]
+    if unknown := [m for m in cd_methods if m not in cdr.METHODS]:
+        raise QcacheError(f"--cachedit-methods: unknown method {unknown[0]!r} (choose from {', '.join(cdr.METHODS)})")
+    try:
+        cd_thresholds = [float(t) for t in args.cachedit_thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise QcacheError(f"--cachedit-thresholds: comma-separated numbers, got {args.cachedit_thresholds!r}") from None
+    if any(t <= 0 for t in cd_thresholds):
+        raise QcacheError("--cachedit-thresholds: every threshold must be > 0")
 
     rm = RecipeModel.load(args.recipe, source=args.source, device=args.device)
     sampler = rm.sampler(batch_size=max(args.n, args.latency_samples, args.tune_samples))
@@ -167,6 +195,25 @@ def main() -> None:
                         + (f" tau {row['tau']:.4g}" if row["tau"] is not None else ""))
                 write_json(args.json, {"rows": rows, "complete": False})
 
+    cachedit = {"thresholds": cd_thresholds, "methods": cd_methods, "version": None}
+    if cd_thresholds and cd_methods:
+        cd = cdr.import_cache_dit()
+        if cd is None:
+            log(cdr.MISSING)
+            cachedit["skipped"] = cdr.MISSING
+        else:
+            cachedit["version"] = getattr(cd, "__version__", None)
+            for name, setup in cdr.setups(cd_thresholds, args.warmup, cd_methods):
+                row = {"method": name, "target_nfc": None, **cdr.row_fields(setup)}
+                label = f"{name} threshold {setup.threshold:g}"
+                run_row(row, lambda setup=setup: measure_cachedit(rm, sampler, fp, setup, args.n), label)
+                rows.append(row)
+                if "error" not in row:
+                    configs.append((row, setup))
+                    log(f"{label}: nfc {row['nfc']:.1f} fid_to_fp {fmt(row['fid_to_fp'])} psnr {fmt(row['psnr'])} "
+                        f"acc {fmt(row['class_accuracy'])} fid_data {fmt(row['fid_data'])}")
+                write_json(args.json, {"rows": rows, "complete": False})
+
     log(f"latency: {len(configs)} configurations x {args.repeats} rounds of {args.latency_samples} images")
     nfcs: list[list[float]] = [[] for _ in configs]
     errors: list[list[str]] = [[] for _ in configs]
@@ -193,7 +240,7 @@ def main() -> None:
         "tune_seed": args.tune_seed, "cache_compile": args.cache_compile == "on", "device": str(sampler.device),
         "family": rm.parts.family.name, "quality": quality_key(rows),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv),
-        "recipe": recipe_to_dict(rm.recipe),
+        "recipe": recipe_to_dict(rm.recipe), "cachedit": cachedit,
     }
     print_table(rows)
     report["acceptance"] = acceptance(rows)
@@ -221,13 +268,24 @@ def measure(rm: RecipeModel, sampler: Sampler, fp, cfg: CacheConfig, n: int, set
             "cache_bytes_per_image": stats["cache_bytes_per_image"], "full_steps": stats["full_steps"], **tune}
 
 
+def measure_cachedit(rm: RecipeModel, sampler: Sampler, fp, setup: cdr.CacheDitSetup, n: int) -> dict:
+    """One cache-dit row: n images from the reference noise through the same sampler with cache-dit attached,
+    compared with FP; ``nfc`` is measured from cache-dit's cached-steps count."""
+    with setup.attach(sampler) as cache:
+        out, flops = executed_flops(lambda: sampler.sample(n, progress=False))
+    return {**cache.stats.report(), "tau": None, **rm.compare(fp, rm.pixels(out)), "flops_per_image": flops / n,
+            "cache_bytes_per_image": None}
+
+
 def merge(paths: list[str], out: str, plot_path: str | None) -> None:
     """Combine the reports of several runs (e.g. one per group of targets) into one table and plot."""
     import json
 
     reports = [json.loads(Path(p).read_text()) for p in paths]
     rows = [reports[0]["rows"][0]] + [r for rep in reports for r in rep["rows"] if r["method"] != "FP"]
-    rows.sort(key=lambda r: (-r["target_nfc"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1))
+    order = [*METHODS, *cdr.METHODS]
+    rows.sort(key=lambda r: (r["target_nfc"] is None, -(r["target_nfc"] or 0),
+                             order.index(r["method"]) if r["method"] in order else -1, r.get("threshold") or 0))
     print_table(rows)
     checks = acceptance(rows)
     write_json(out, {"rows": rows, "acceptance": checks, "complete": all(rep.get("complete") for rep in reports),
@@ -257,6 +315,10 @@ def acceptance(rows: list[dict]) -> dict:
         out[str(t) if g is None else f"{t}/{g}"] = d
     for t, d in out.items():
         print(f"NFC {t}: " + "  ".join(f"{k}={fmt(v)}" for k, v in d.items()))
+    if any(cdr.is_cachedit(r["method"]) for r in rows):
+        out["cachedit"] = cdr.latency_comparison(rows)
+        for ratio, d in out["cachedit"].items():
+            print(f"latency {ratio}x: " + "  ".join(f"{k}={fmt(v)}" for k, v in d.items() if k != "methods"))
     return out
 
 
@@ -264,6 +326,8 @@ def print_table(rows: list[dict]) -> None:
     keys = ["method", "nfc", "fid_to_fp", "psnr", "ssim", "class_accuracy", "fid_data", "latency_ratio"]
     if any("granularity" in r for r in rows):
         keys.insert(1, "granularity")
+    if any("threshold" in r for r in rows):
+        keys.insert(1, "threshold")
     if any("error" in r for r in rows):
         keys.append("error")
     print(markdown_table(rows, keys, formats={"nfc": lambda v: "-" if v is None else f"{v:.1f}"}))
@@ -296,6 +360,9 @@ def plot(rows: list[dict], path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    if any("latency_ratio" in r for r in rows):
+        p = Path(path)
+        cdr.plot_latency(rows, str(p.with_name(f"{p.stem}-latency{p.suffix}")))
 
 
 if __name__ == "__main__":
