@@ -240,11 +240,22 @@ class CalibrationConfig:
 class VcConfig:
     """Variance compensation (qcache.vc): per-step, per-channel factors fitted against the FP trajectory."""
 
-    enabled: bool = True
+    # true | false | auto: fit, then keep only where it lowers the final-step error on the held-out batch
+    enabled: Any = "auto"
     samples: int = _f(64, ge=2)  # images of the fitting batch
     seed: int = _f(2, ge=0, le=MAX_SEED)  # its noise seed (apart from sampling.seed and the calibration seeds)
     clamp_min: float = _f(0.5, gt=0.0, le=1.0)  # factors are clamped to [clamp_min, clamp_max]
     clamp_max: float = _f(1.5, ge=1.0, le=10.0)  # (the ranges keep K = 1, the identity, always allowed)
+    fit: Literal["least_squares", "variance"] = "least_squares"  # K per channel: LS match, or the std ratio
+    holdout_samples: int = _f(64, ge=2)  # images of the held-out batch that validates the factors
+    holdout_seed: int = _f(3, ge=0, le=MAX_SEED)  # its noise seed (must differ from seed)
+
+    def validate(self, path: str) -> None:
+        if not (isinstance(self.enabled, bool) or self.enabled == "auto"):
+            raise RecipeError(f"{path}.enabled: must be true, false or 'auto', got {short(self.enabled)}")
+        if self.holdout_seed == self.seed:
+            raise RecipeError(f"{path}.holdout_seed: must differ from vc.seed (the fitting batch), got "
+                              f"{self.holdout_seed}")
 
 
 @dataclass(frozen=True)
