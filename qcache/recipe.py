@@ -192,6 +192,7 @@ class QuantConfig:
     compute_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"  # torchao: cast before quantizing
     compile: bool = False  # torchao: torch.compile the blocks' norm1/attention/feed-forward modules
     float8: bool = False  # torchao: 8-bit weights (and activations) in float8 e4m3 instead of int8 (CUDA sm >= 8.9)
+    time_groups: int = _f(1, ge=1, le=64)  # quanto: activation scales per group of timesteps (docs/quant.md)
 
     def validate(self, path: str) -> None:
         if self.backend == "quanto":
@@ -213,6 +214,9 @@ class QuantConfig:
         if self.observer != "absmax":
             raise RecipeError(f"{path}.observer: backend torchao takes activation ranges per token at run time "
                               f"(no observer), got {self.observer!r}")
+        if self.time_groups != 1:
+            raise RecipeError(f"{path}.time_groups: backend torchao has no static activation scales to group by "
+                              f"timestep (only backend quanto does), got {self.time_groups}")
 
 
 @dataclass(frozen=True)
