@@ -15,7 +15,7 @@ Rows, each measured against the full-precision model from the same noise (FID-to
     +tap               calibrated by TAP on a FORA-aware pool, + FORA
     +tap+vc            ... + variance compensation (forced on: vc.enabled true)
     rfc_instead_of_fora  ptq (naive calibration) + RFC
-    qcache             TAP on an RFC-aware pool + RFC + VC as the recipe says (vc.enabled auto: kept only where it
+    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups) + RFC + VC as the recipe says (vc.enabled auto: kept only where it
                        lowers the held-out error; the row's ``vc_info`` has both held-out errors and the decision)
 
 ``--sweep`` adds the calibration grid under ``sweep`` (rows) and ``sweep_summary`` (mean and std over ``--seeds``
@@ -145,9 +145,9 @@ class Ablation:
         log(f"  {selector} picked {len(sel)} of {len(pool)} rows in {time.perf_counter() - t0:.1f}s")
         return sel, tau
 
-    def quantized(self, selection, observer: str | None = None):
-        r = self.recipe if observer is None else replace(self.recipe, quant=replace(self.recipe.quant,
-                                                                                   observer=observer))
+    def quantized(self, selection, observer: str | None = None, time_groups: int = 1):
+        over = {k: v for k, v in (("observer", observer), ("time_groups", time_groups)) if v not in (None, 1)}
+        r = replace(self.recipe, quant=replace(self.recipe.quant, **over)) if over else self.recipe
         model = quantize_model(r, self.fp, selection, parts=self.parts)
         with_dir = Path(self.tmp) / f"q{next(self._ids)}"
         save_quantized(model, with_dir)
@@ -213,8 +213,9 @@ class Ablation:
 
         self.measure("naive", lambda: (self.compressed(naive_q()[0], self.fora, vc=False), naive_q()[1]))
 
+        tg = self.args.time_groups  # the calibration-side rows only: naive calibration stays one group
         tap_q = lambda: self.product("tap_q", lambda: self.quantized(  # noqa: E731
-            self.product("fora_sel", lambda: self.pool(self.fora, "tap"))[0]))
+            self.product("fora_sel", lambda: self.pool(self.fora, "tap"))[0], time_groups=tg))
         self.measure("+tap", lambda: (self.compressed(tap_q()[0], self.fora, vc=False), tap_q()[1]))
         self.measure("+tap+vc", lambda: (self.compressed(tap_q()[0], self.fora, vc=True), tap_q()[1]))
 
@@ -222,7 +223,7 @@ class Ablation:
                                                                      tau_guess=fp_tau), naive_q()[1]))
 
         rfc_sel = lambda: self.product("rfc_sel", lambda: self.pool(self.recipe.cache, "tap"))  # noqa: E731
-        q = lambda: self.product("rfc_q", lambda: self.quantized(rfc_sel()[0]))  # noqa: E731
+        q = lambda: self.product("rfc_q", lambda: self.quantized(rfc_sel()[0], time_groups=tg))  # noqa: E731
         self.measure("qcache", lambda: (self.compressed(q()[0], self.recipe.cache, vc="recipe",
                                                         tau_guess=rfc_sel()[1]), q()[1]))
         if self.args.sweep:
@@ -310,6 +311,8 @@ def main() -> None:
     ap.add_argument("--preset", choices=PRESETS, default="W8A8", help="quantization of every quantized row")
     ap.add_argument("--sweep", action="store_true", help="add the selector x pool x observer x seed grid")
     ap.add_argument("--seeds", type=int, default=5, help="selection seeds per cell of the --sweep grid")
+    ap.add_argument("--time-groups", type=int, default=1,
+                    help="quant.time_groups of the TAP-calibrated rows (+tap, +tap+vc, qcache)")
     ap.add_argument("--latency-samples", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -317,6 +320,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.seeds < 1:
         raise QcacheError(f"--seeds: must be >= 1, got {args.seeds}")
+    if not 1 <= args.time_groups <= 64:
+        raise QcacheError(f"--time-groups: must be in [1, 64], got {args.time_groups}")
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
         print(table(saved["rows"]))
@@ -331,6 +336,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench.run(tmp)
     result = {"recipe": args.recipe, "n": args.n, "nfc": args.nfc, "preset": args.preset,
+              "time_groups": args.time_groups,
               "latency_samples": args.latency_samples,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "seconds": round(time.perf_counter() - t0, 1), "family": bench.parts.family.name,
