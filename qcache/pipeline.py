@@ -157,9 +157,8 @@ def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: t
         return Batch(make_noise(n, fp_sampler.sample_shape, seed), fp_sampler.conditioner.default_ids(n), seed)
 
     holdout = batch(v.holdout_samples, v.holdout_seed) if v.enabled == "auto" else None  # only auto pays for it
-    with compressed.sampler(vc=False) as s:
-        res = fit_and_validate(s, fp_sampler, batch(v.samples, v.seed), holdout, v.enabled,
-                               (v.clamp_min, v.clamp_max), v.fit)
+    res = fit_and_validate(lambda: compressed.sampler(vc=False), fp_sampler, batch(v.samples, v.seed), holdout,
+                           v.enabled, (v.clamp_min, v.clamp_max), v.fit)
     return (res.factors, res.curves, res.info) if with_info else (res.factors, res.curves)
 
 

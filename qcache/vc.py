@@ -17,7 +17,9 @@ lowers the final-step error against the FP trajectory there (``fit_and_validate`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -167,10 +169,13 @@ def _with_factors(sampler: Sampler, factors: torch.Tensor, batch: Batch) -> list
         return record_trajectory(sampler, batch.noise, batch.labels, batch.seed)
 
 
-def fit_and_validate(compressed: Sampler, reference: Sampler, fit_batch: Batch, holdout: Batch | None,
-                     enabled: bool | str = "auto", clamp: tuple[float, float] = DEFAULT_CLAMP,
-                     method: str = "least_squares") -> VcResult:
+def fit_and_validate(compressed: Sampler | Callable[[], AbstractContextManager[Sampler]], reference: Sampler,
+                     fit_batch: Batch, holdout: Batch | None, enabled: bool | str = "auto",
+                     clamp: tuple[float, float] = DEFAULT_CLAMP, method: str = "least_squares") -> VcResult:
     """Fit VC for ``compressed`` (its cache hooks active, no VC) on ``fit_batch`` and judge it on ``holdout``.
+
+    ``compressed``: a sampler, or a callable opening one (``lambda: model.sampler(vc=False)``), entered only once
+    the FP trajectories are recorded, so that a cache attached to a shared transformer cannot touch them.
 
     ``enabled``: False fits nothing; True always keeps the factors; ``"auto"`` keeps them only where they lower the
     final-step relative L2 error against ``reference``'s trajectory on the held-out batch (other noise), strictly.
@@ -183,6 +188,16 @@ def fit_and_validate(compressed: Sampler, reference: Sampler, fit_batch: Batch, 
     if mode == "auto" and holdout is None:
         raise ValueError("vc.enabled auto needs a held-out batch")
     ref = record_trajectory(reference, fit_batch.noise, fit_batch.labels, fit_batch.seed)
+    href = None if holdout is None or mode == "off" else record_trajectory(reference, holdout.noise, holdout.labels,
+                                                                           holdout.seed)
+    opened = contextlib.nullcontext(compressed) if isinstance(compressed, Sampler) else compressed()
+    with opened as s:
+        return _fit_and_validate(s, ref, href, fit_batch, holdout, mode, clamp, method)
+
+
+def _fit_and_validate(compressed: Sampler, ref: list[torch.Tensor], href: list[torch.Tensor] | None,
+                      fit_batch: Batch, holdout: Batch | None, mode: str, clamp: tuple[float, float],
+                      method: str) -> VcResult:
     plain = record_trajectory(compressed, fit_batch.noise, fit_batch.labels, fit_batch.seed)
     curves = {"without_vc": trajectory_error(plain, ref)}
     info: dict = {"mode": mode, "fit": method, "final_error_without": curves["without_vc"][-1]}
@@ -193,8 +208,7 @@ def fit_and_validate(compressed: Sampler, reference: Sampler, fit_batch: Batch, 
     curves["with_vc"] = trajectory_error(fitted, ref)
     info.update(final_error_with=curves["with_vc"][-1], min=float(factors.min()), max=float(factors.max()),
                 mean=float(factors.mean()))
-    if holdout is not None:
-        href = record_trajectory(reference, holdout.noise, holdout.labels, holdout.seed)
+    if holdout is not None and href is not None:
         curves["heldout_without_vc"] = trajectory_error(
             record_trajectory(compressed, holdout.noise, holdout.labels, holdout.seed), href)
         curves["heldout_with_vc"] = trajectory_error(_with_factors(compressed, factors, holdout), href)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 import tools  # noqa: F401 - makes ``common`` importable
-from tools.ablation import PRESETS, sweep_summary, summary_table
+from tools.ablation import PRESETS, summary_table, sweep_summary
 
 
 def test_sweep_summary_means_and_stds_over_seeds():

@@ -15,8 +15,9 @@ Rows, each measured against the full-precision model from the same noise (FID-to
     +tap               calibrated by TAP on a FORA-aware pool, + FORA
     +tap+vc            ... + variance compensation (forced on: vc.enabled true)
     rfc_instead_of_fora  ptq (naive calibration) + RFC
-    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups) + RFC + VC as the recipe says (vc.enabled auto: kept only where it
-                       lowers the held-out error; the row's ``vc_info`` has both held-out errors and the decision)
+    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups) + RFC + VC as the recipe says
+                       (vc.enabled auto: kept only where it lowers the held-out error; the row's ``vc_info`` has
+                       both held-out errors and the decision)
 
 ``--sweep`` adds the calibration grid under ``sweep`` (rows) and ``sweep_summary`` (mean and std over ``--seeds``
 selection seeds): selector random | kmeans | tap x pool rfc-aware | uncached x observer absmax | percentile, each
@@ -278,11 +279,13 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
 def summary_table(summary: list[dict]) -> str:
     """The sweep summary as Markdown: mean ± std over the selection seeds."""
     lines = ["| selector | pool | observer | seeds | FID-to-FP | PSNR (dB) |", "|---|---|---|---:|---:|---:|"]
+
+    def pm(s: dict, k: str, d: int) -> str:
+        return f"{s[k + '_mean']:.{d}f} ± {s[k + '_std']:.{d}f}" if k + "_mean" in s else "-"
+
     for s in summary:
-        pm = lambda k, d: (f"{s[k + '_mean']:.{d}f} ± {s[k + '_std']:.{d}f}" if k + "_mean" in s  # noqa: E731
-                           else "-")
-        lines.append(f"| {s['selector']} | {s['pool']} | {s['observer']} | {s['seeds']} | {pm('fid_to_fp', 3)} | "
-                     f"{pm('psnr', 2)} |")
+        lines.append(f"| {s['selector']} | {s['pool']} | {s['observer']} | {s['seeds']} | {pm(s, 'fid_to_fp', 3)} | "
+                     f"{pm(s, 'psnr', 2)} |")
     return "\n".join(lines)
 
 

@@ -10,8 +10,9 @@ the ungrouped scales (observed on all rows, as with K = 1) back, so a saved mode
 Because the switch lives on the model, every caller gets it: qcache's sampler, the cache, a diffusers pipeline.
 
 The per-group scales are buffers of the quantized modules (``qcache_group_input_scale`` / ``_output_scale``, shape
-(K,)), saved in ``model.safetensors`` beside quanto's tensors (``group_state``); the edges are in ``quant_map.json`` (``time_groups``). A batch is assumed to
-share one timestep (as the samplers give it); its first element decides the group.
+(K,)), saved in ``model.safetensors`` beside quanto's tensors (``group_state``); the edges are in ``quant_map.json``
+(``time_groups``). A batch is assumed to share one timestep (as the samplers give it); its first element decides
+the group.
 """
 
 from __future__ import annotations
