@@ -158,7 +158,7 @@ def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: t
 
     holdout = batch(v.holdout_samples, v.holdout_seed) if v.enabled == "auto" else None  # only auto pays for it
     res = fit_and_validate(lambda: compressed.sampler(vc=False), fp_sampler, batch(v.samples, v.seed), holdout,
-                           v.enabled, (v.clamp_min, v.clamp_max), v.fit)
+                           v.enabled, (v.clamp_min, v.clamp_max), v.fit, v.min_gain)
     return (res.factors, res.curves, res.info) if with_info else (res.factors, res.curves)
 
 

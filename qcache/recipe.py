@@ -253,6 +253,7 @@ class VcConfig:
     fit: Literal["least_squares", "variance"] = "least_squares"  # K per channel: LS match, or the std ratio
     holdout_samples: int = _f(64, ge=2)  # images of the held-out batch that validates the factors
     holdout_seed: int = _f(3, ge=0, le=MAX_SEED)  # its noise seed (must differ from seed)
+    min_gain: float = _f(0.01, ge=0.0, lt=1.0)  # auto keeps VC if it cuts the held-out error by more than this
 
     def validate(self, path: str) -> None:
         if not (isinstance(self.enabled, bool) or self.enabled == "auto"):

@@ -171,14 +171,16 @@ def _with_factors(sampler: Sampler, factors: torch.Tensor, batch: Batch) -> list
 
 def fit_and_validate(compressed: Sampler | Callable[[], AbstractContextManager[Sampler]], reference: Sampler,
                      fit_batch: Batch, holdout: Batch | None, enabled: bool | str = "auto",
-                     clamp: tuple[float, float] = DEFAULT_CLAMP, method: str = "least_squares") -> VcResult:
+                     clamp: tuple[float, float] = DEFAULT_CLAMP, method: str = "least_squares",
+                     min_gain: float = 0.0) -> VcResult:
     """Fit VC for ``compressed`` (its cache hooks active, no VC) on ``fit_batch`` and judge it on ``holdout``.
 
     ``compressed``: a sampler, or a callable opening one (``lambda: model.sampler(vc=False)``), entered only once
     the FP trajectories are recorded, so that a cache attached to a shared transformer cannot touch them.
 
     ``enabled``: False fits nothing; True always keeps the factors; ``"auto"`` keeps them only where they lower the
-    final-step relative L2 error against ``reference``'s trajectory on the held-out batch (other noise), strictly.
+    final-step relative L2 error against ``reference``'s trajectory on the held-out batch (other noise) by more
+    than the fraction ``min_gain`` (0: strictly lower).
     The held-out errors are measured whenever ``holdout`` is given (``auto`` needs it). ``info``: ``mode``,
     ``kept``, ``fit``, ``enabled`` (= kept), the fitting batch's final-step errors, the held-out ones, the factors'
     range. ``curves``: relative error per step, ``without_vc`` / ``with_vc`` on the fitting batch and
@@ -192,7 +194,13 @@ def fit_and_validate(compressed: Sampler | Callable[[], AbstractContextManager[S
                                                                            holdout.seed)
     opened = contextlib.nullcontext(compressed) if isinstance(compressed, Sampler) else compressed()
     with opened as s:
-        return _fit_and_validate(s, ref, href, fit_batch, holdout, mode, clamp, method)
+        res = _fit_and_validate(s, ref, href, fit_batch, holdout, mode, clamp, method)
+    if mode == "auto":
+        res.info["min_gain"] = min_gain
+        keep = res.info["heldout_error_with"] < res.info["heldout_error_without"] * (1.0 - min_gain)
+        res.info.update(kept=keep, enabled=keep)
+        res.factors = res.factors if keep else None
+    return res
 
 
 def _fit_and_validate(compressed: Sampler, ref: list[torch.Tensor], href: list[torch.Tensor] | None,
@@ -214,6 +222,5 @@ def _fit_and_validate(compressed: Sampler, ref: list[torch.Tensor], href: list[t
         curves["heldout_with_vc"] = trajectory_error(_with_factors(compressed, factors, holdout), href)
         info.update(heldout_error_without=curves["heldout_without_vc"][-1],
                     heldout_error_with=curves["heldout_with_vc"][-1], heldout_samples=len(holdout.noise))
-    kept = mode == "on" or info["heldout_error_with"] < info["heldout_error_without"]
-    info.update(kept=kept, enabled=kept)
-    return VcResult(factors if kept else None, curves, info)
+    info.update(kept=True, enabled=True)  # auto: decided by the caller against min_gain
+    return VcResult(factors, curves, info)

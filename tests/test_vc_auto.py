@@ -92,3 +92,15 @@ def test_bad_vc_keys_are_one_line_errors(vc, msg):
     with pytest.raises(RecipeError) as e:
         recipe_from_dict({"model": {"source": "builtin:digits"}, "vc": vc})
     assert str(e.value) == msg
+
+
+def test_auto_needs_more_than_min_gain():
+    model = tiny_dit(seed=0)
+    ref = Sampler(model, SCHEDULER_CONFIG, CFG)
+    shrunk = Sampler(model, SCHEDULER_CONFIG, CFG)
+    shrunk.hooks.append(Shrink(0.98))
+    res = fit_and_validate(shrunk, ref, _batch(1), _batch(2), "auto", min_gain=0.0)
+    gain = 1 - res.info["heldout_error_with"] / res.info["heldout_error_without"]
+    assert res.info["kept"] and 0 < gain < 1
+    strict = fit_and_validate(shrunk, ref, _batch(1), _batch(2), "auto", min_gain=min(1.0, gain + 1e-3))
+    assert strict.factors is None and not strict.info["kept"] and strict.info["min_gain"] > gain
