@@ -1,7 +1,9 @@
 """quant.time_groups K = 1, 2, 4 at W4A8 (+ RFC NFC 10) on the digits model, same calibration set: FID-to-FP."""
 import json, sys, time
 from dataclasses import replace
-sys.path.insert(0, "/work/wt/vc/tools"); sys.path.insert(0, "/work/wt/vc")
+from pathlib import Path
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO / "tools"), str(REPO)]
 import torch
 torch.set_grad_enabled(False)
 from common import RecipeModel
@@ -9,7 +11,7 @@ from qcache.compressed import CompressedModel
 from qcache.pipeline import build_pool, select_calibration, quantize_model, cache_schedule
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-rm = RecipeModel.load("/work/wt/vc/recipes/digits.yaml", device="cpu")
+rm = RecipeModel.load(str(REPO / "recipes" / "digits.yaml"), device="cpu")
 t0 = time.time()
 def log(*a): print(f"[{time.time()-t0:6.0f}s]", *a, flush=True)
 ref = rm.pixels(rm.sampler().sample(N, progress=False))
@@ -33,5 +35,5 @@ for k in (1, 2, 4):
     row = {"time_groups": k, "nfc": cm.nfc, **m, "edges": q.qcache_quant.get("time_groups", {}).get("edges")}
     out["rows"].append(row)
     log(row)
-    json.dump(out, open("/tmp/vcm/tg_measure.json", "w"), indent=1, default=float)
+    json.dump(out, open(REPO / "docs/results/tg_measure.json", "w"), indent=1, default=float)
 log("done")

@@ -1,7 +1,9 @@
 """Measure VC readings (least squares vs variance ratio) on the digits model: held-out error and FID-to-FP."""
 import json, sys, time, dataclasses
 from dataclasses import replace
-sys.path.insert(0, "/work/wt/vc/tools"); sys.path.insert(0, "/work/wt/vc")
+from pathlib import Path
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO / "tools"), str(REPO)]
 import torch
 torch.set_grad_enabled(False)
 from common import RecipeModel
@@ -10,7 +12,7 @@ from qcache.pipeline import build_pool, select_calibration, quantize_model, cach
 from qcache.sampling import make_noise
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-rm = RecipeModel.load("/work/wt/vc/recipes/digits.yaml", device="cpu")
+rm = RecipeModel.load(str(REPO / "recipes" / "digits.yaml"), device="cpu")
 t0 = time.time()
 def log(*a): print(f"[{time.time()-t0:6.0f}s]", *a, flush=True)
 fp_s = rm.sampler()
@@ -39,5 +41,5 @@ for preset, nfc in (("W8A8", 14), ("W4A8", 10)):
         log(preset, fit, {k: info[k] for k in ("heldout_error_without", "heldout_error_with", "min", "max", "final_error_without", "final_error_with")}, "fid", m["fid_to_fp"], "psnr", m["psnr"])
     log(preset, "no VC fid", case["none"]["fid_to_fp"], "psnr", case["none"]["psnr"])
     out["cases"].append(case)
-    json.dump(out, open("/tmp/vcm/vc_measure.json", "w"), indent=1, default=float)
+    json.dump(out, open(REPO / "docs/results/vc_measure.json", "w"), indent=1, default=float)
 log("done")
