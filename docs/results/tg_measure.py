@@ -1,14 +1,20 @@
 """quant.time_groups K = 1, 2, 4 at W4A8 (+ RFC NFC 10) on the digits model, same calibration set: FID-to-FP."""
-import json, sys, time
+# ruff: noqa: E402, E501  (a one-off measurement script: sys.path first, kept as it ran)
+import json
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tools"), str(REPO)]
 import torch
+
 torch.set_grad_enabled(False)
 from common import RecipeModel
+
 from qcache.compressed import CompressedModel
-from qcache.pipeline import build_pool, select_calibration, quantize_model, cache_schedule
+from qcache.pipeline import build_pool, cache_schedule, quantize_model, select_calibration
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 rm = RecipeModel.load(str(REPO / "recipes" / "digits.yaml"), device="cpu")

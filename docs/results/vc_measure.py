@@ -1,15 +1,21 @@
 """Measure VC readings (least squares vs variance ratio) on the digits model: held-out error and FID-to-FP."""
-import json, sys, time, dataclasses
+# ruff: noqa: E402, E501  (a one-off measurement script: sys.path first, kept as it ran)
+import dataclasses
+import json
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tools"), str(REPO)]
 import torch
+
 torch.set_grad_enabled(False)
 from common import RecipeModel
+
 from qcache.compressed import CompressedModel
-from qcache.pipeline import build_pool, select_calibration, quantize_model, cache_schedule, fit_variance_compensation
-from qcache.sampling import make_noise
+from qcache.pipeline import build_pool, cache_schedule, fit_variance_compensation, quantize_model, select_calibration
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 100
 rm = RecipeModel.load(str(REPO / "recipes" / "digits.yaml"), device="cpu")
