@@ -272,16 +272,12 @@ def _load_schedule(r: CompressRun, path: Path, info: dict):
 def _build_vc(r: CompressRun, tmp: Path):
     from safetensors.torch import save_file
 
-    factors, curves = fit_variance_compensation(r.recipe, r.model(), r.fp, r.sched)
+    factors, curves, info = fit_variance_compensation(r.recipe, r.model(), r.fp, r.sched, with_info=True)
     if factors is not None:
         factors = factors.detach().cpu().contiguous()  # as a reused run loads it back
         save_file({"factors": factors}, str(tmp / VC_FILE))
     (tmp / "curves.json").write_bytes(json_bytes(curves, indent=None))
-    info = {"enabled": factors is not None, "final_error_without": curves["without_vc"][-1]}
-    if factors is not None:
-        info.update(min=float(factors.min()), max=float(factors.max()), mean=float(factors.mean()),
-                    final_error_with=curves["with_vc"][-1])
-    return (factors, curves), info
+    return (factors, curves), info  # info["enabled"]: the factors are kept (vc.enabled auto may drop them)
 
 
 def _load_vc(r: CompressRun, path: Path, info: dict):
@@ -312,10 +308,13 @@ def _build_sweep(r: CompressRun, tmp: Path):
 
 
 def _summary_vc(i: dict) -> str:
-    if not i["enabled"]:
+    if "min" not in i:
         return "disabled"
-    return (f"K in [{i['min']:.3f}, {i['max']:.3f}], final-step error vs FP {i['final_error_without']:.4f} -> "
-            f"{i['final_error_with']:.4f}")
+    held = (f"; held-out {i['heldout_error_without']:.4f} -> {i['heldout_error_with']:.4f}"
+            if "heldout_error_with" in i else "")
+    return (f"{'kept' if i['enabled'] else 'dropped'} ({i.get('mode', 'on')}), K in [{i['min']:.3f}, "
+            f"{i['max']:.3f}], final-step error vs FP {i['final_error_without']:.4f} -> {i['final_error_with']:.4f}"
+            + held)
 
 
 def _summary_evaluate(i: dict) -> str:

@@ -141,29 +141,25 @@ def cache_schedule(recipe: Recipe, model: torch.nn.Module, scheduler_config: dic
 
 # ---- variance compensation -------------------------------------------------------------------------------------
 def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: torch.nn.Module,
-                              scheduler_config: dict) -> tuple[torch.Tensor | None, dict]:
+                              scheduler_config: dict, with_info: bool = False):
     """VC factors for ``compressed`` (fitted with its cache replaying) and per-step errors against the FP trajectory.
 
-    Returns (factors or None when ``vc.enabled`` is false, curves: relative L2 error of x_t per step without and
-    with the factors, on the fitting batch).
+    Returns (factors or None when ``vc.enabled`` is false or ``auto`` dropped them on the held-out batch, curves:
+    relative L2 error of x_t per step without and with the factors; ``qcache.vc.fit_and_validate``), and the
+    decision's info as a third item with ``with_info``.
     """
-    from .vc import fit_vc_to_trajectory, record_trajectory, trajectory_error
+    from .vc import Batch, fit_and_validate
 
     v = recipe.vc
     fp_sampler = _sampler(recipe, fp, scheduler_config, compressed.parts)
-    noise = make_noise(v.samples, fp_sampler.sample_shape, v.seed)
-    labels = fp_sampler.conditioner.default_ids(v.samples)
-    reference = record_trajectory(fp_sampler, noise, labels, v.seed)
-    with compressed.sampler(vc=False) as s:
-        plain = record_trajectory(s, noise, labels, v.seed)
-        factors = None
-        if v.enabled:
-            factors = fit_vc_to_trajectory(s, reference, noise, labels, (v.clamp_min, v.clamp_max), v.seed)
-    curves = {"without_vc": trajectory_error(plain, reference)}
-    if factors is not None:
-        with dataclasses.replace(compressed, vc_factors=factors).sampler() as s:
-            curves["with_vc"] = trajectory_error(record_trajectory(s, noise, labels, v.seed), reference)
-    return factors, curves
+
+    def batch(n: int, seed: int) -> Batch:
+        return Batch(make_noise(n, fp_sampler.sample_shape, seed), fp_sampler.conditioner.default_ids(n), seed)
+
+    holdout = batch(v.holdout_samples, v.holdout_seed) if v.enabled == "auto" else None  # only auto pays for it
+    res = fit_and_validate(lambda: compressed.sampler(vc=False), fp_sampler, batch(v.samples, v.seed), holdout,
+                           v.enabled, (v.clamp_min, v.clamp_max), v.fit, v.min_gain)
+    return (res.factors, res.curves, res.info) if with_info else (res.factors, res.curves)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ class QuantConfig:
     compute_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"  # torchao: cast before quantizing
     compile: bool = False  # torchao: torch.compile the blocks' norm1/attention/feed-forward modules
     float8: bool = False  # torchao: 8-bit weights (and activations) in float8 e4m3 instead of int8 (CUDA sm >= 8.9)
+    time_groups: int = _f(1, ge=1, le=64)  # quanto: activation scales per group of timesteps (docs/quant.md)
 
     def validate(self, path: str) -> None:
         if self.backend == "quanto":
@@ -213,6 +214,9 @@ class QuantConfig:
         if self.observer != "absmax":
             raise RecipeError(f"{path}.observer: backend torchao takes activation ranges per token at run time "
                               f"(no observer), got {self.observer!r}")
+        if self.time_groups != 1:
+            raise RecipeError(f"{path}.time_groups: backend torchao has no static activation scales to group by "
+                              f"timestep (only backend quanto does), got {self.time_groups}")
 
 
 @dataclass(frozen=True)
@@ -240,11 +244,23 @@ class CalibrationConfig:
 class VcConfig:
     """Variance compensation (qcache.vc): per-step, per-channel factors fitted against the FP trajectory."""
 
-    enabled: bool = True
+    # true | false | auto: fit, then keep only where it lowers the final-step error on the held-out batch
+    enabled: Any = "auto"
     samples: int = _f(64, ge=2)  # images of the fitting batch
     seed: int = _f(2, ge=0, le=MAX_SEED)  # its noise seed (apart from sampling.seed and the calibration seeds)
     clamp_min: float = _f(0.5, gt=0.0, le=1.0)  # factors are clamped to [clamp_min, clamp_max]
     clamp_max: float = _f(1.5, ge=1.0, le=10.0)  # (the ranges keep K = 1, the identity, always allowed)
+    fit: Literal["least_squares", "variance"] = "least_squares"  # K per channel: LS match, or the std ratio
+    holdout_samples: int = _f(64, ge=2)  # images of the held-out batch that validates the factors
+    holdout_seed: int = _f(3, ge=0, le=MAX_SEED)  # its noise seed (must differ from seed)
+    min_gain: float = _f(0.01, ge=0.0, lt=1.0)  # auto keeps VC if it cuts the held-out error by more than this
+
+    def validate(self, path: str) -> None:
+        if not (isinstance(self.enabled, bool) or self.enabled == "auto"):
+            raise RecipeError(f"{path}.enabled: must be true, false or 'auto', got {short(self.enabled)}")
+        if self.holdout_seed == self.seed:
+            raise RecipeError(f"{path}.holdout_seed: must differ from vc.seed (the fitting batch), got "
+                              f"{self.holdout_seed}")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The compress report: the summary table, ``report.md`` and the PNG plots (matplotlib, Agg backend).
 
 Plots: ``samples.png`` (the same noise and labels through the full-precision and the compressed model),
-``error_per_step.png`` (relative error of x_t against the FP trajectory, with and without VC),
-``schedule.png`` (the static full-step mask as a strip), ``quality_vs_nfc.png`` (FID-to-FP and PSNR of the
-quantized model at other cache settings, the chosen one marked).
+``error_per_step.png`` (relative error of x_t against the FP trajectory, with and without VC, on the fitting and the
+held-out batch), ``schedule.png`` (the static full-step mask as a strip), ``quality_vs_nfc.png`` (FID-to-FP and PSNR
+of the quantized model at other cache settings, the chosen one marked). Every plotted figure says in its legend how
+many images it was measured on, and figures in one plot share that number: the artifact's point on the
+quality-vs-NFC plot is re-measured on the sweep's images (its first n of the evaluation set, same noise).
 """
 
 from __future__ import annotations
@@ -65,10 +67,15 @@ def report_markdown(report: dict) -> str:
         tau = sched.get("tau")
         out += [f"**Cache schedule**: full steps {sched['full_steps']}" + (f" (tau = {tau:.4g})" if tau else ""),
                 ""]
-    if vc.get("enabled"):
-        out += [f"**VC factors**: range [{vc['min']:.3f}, {vc['max']:.3f}], mean {vc['mean']:.3f}; final-step "
-                f"error against FP on the fitting batch {vc['final_error_without']:.4f} without VC, "
-                f"{vc['final_error_with']:.4f} with.", ""]
+    if "min" in vc:  # factors were fitted (kept or not)
+        line = (f"**VC** ({vc.get('mode', 'on')}, fit {vc.get('fit', 'least_squares')}): "
+                f"{'kept' if vc.get('enabled') else 'dropped'}; factors in [{vc['min']:.3f}, {vc['max']:.3f}], mean "
+                f"{vc['mean']:.3f}; final-step error against FP on the fitting batch {vc['final_error_without']:.4f} "
+                f"without VC, {vc['final_error_with']:.4f} with")
+        if "heldout_error_with" in vc:
+            line += (f"; on the held-out batch ({vc.get('heldout_samples', '?')} images, other noise) "
+                     f"{vc['heldout_error_without']:.4f} without, {vc['heldout_error_with']:.4f} with")
+        out += [line + ".", ""]
     out += ["| stage | seconds | reused |", "|---|---:|---|"]
     out += [f"| {name} | {st['seconds']:.1f} | {'yes' if st['reused'] else 'no'} |"
             for name, st in report["stages"].items()]
@@ -109,11 +116,18 @@ def plot_samples(reference: torch.Tensor, compressed: torch.Tensor, per_row: int
     return _png(fig)
 
 
-def plot_error_per_step(curves: dict, full_steps: list[int] | None) -> bytes:
+def plot_error_per_step(curves: dict, full_steps: list[int] | None, vc: dict | None = None) -> bytes:
+    """Relative error of x_t per step; ``vc`` (the report's VC info) names the batches' sizes and the decision."""
+    vc = vc or {}
+    fit_n, held_n = vc.get("samples"), vc.get("heldout_samples")
+    tag = "" if vc.get("enabled", True) else " (not kept)"
     fig, ax = _figure(figsize=(7, 3.2))
-    for key, label in (("without_vc", "quantized + cache"), ("with_vc", "quantized + cache + VC")):
+    for key, label, style in (("without_vc", f"quantized + cache, fitting batch{_n(fit_n)}", "-"),
+                              ("with_vc", f"+ VC{tag}, fitting batch{_n(fit_n)}", "-"),
+                              ("heldout_without_vc", f"quantized + cache, held-out batch{_n(held_n)}", "--"),
+                              ("heldout_with_vc", f"+ VC{tag}, held-out batch{_n(held_n)}", "--")):
         if key in curves:
-            ax.plot(range(len(curves[key])), curves[key], label=label)
+            ax.plot(range(len(curves[key])), curves[key], style, label=label)
     for i in full_steps or []:
         ax.axvline(i, color="0.85", lw=0.8, zorder=0)
     ax.set_xlabel("step (grey: full steps)")
@@ -132,14 +146,23 @@ def plot_schedule(steps: int, full_steps: list[int] | None) -> bytes:
     return _png(fig)
 
 
-def plot_quality_vs_nfc(points: list[dict], chosen: dict) -> bytes:
-    """FID-to-FP against NFC; PSNR against NFC for models without a FID feature network (fid_to_fp null)."""
+def _n(n) -> str:
+    return f", n={n}" if n else ""
+
+
+def plot_quality_vs_nfc(points: list[dict], chosen: dict, chosen_n: int | None = None, vc: bool | None = None) -> bytes:
+    """FID-to-FP against NFC; PSNR against NFC for models without a FID feature network (fid_to_fp null).
+
+    ``chosen``: the artifact's figures measured on ``chosen_n`` images (pass them on the sweep's images, so the
+    plot compares figures on one n); ``vc``: whether the artifact applies VC (the sweep never does)."""
     fig, ax = _figure(figsize=(6, 3.4))
     pts = sorted(points, key=lambda p: p["nfc"])
     key = "fid_to_fp" if chosen.get("fid_to_fp") is not None else "psnr"
     if pts:
-        ax.plot([p["nfc"] for p in pts], [p[key] for p in pts], "o-", label="quantized + cache (no VC)")
-    ax.plot([chosen["nfc"]], [chosen[key]], "r*", ms=12, label="compressed (this artifact)")
+        ax.plot([p["nfc"] for p in pts], [p[key] for p in pts], "o-",
+                label=f"quantized + cache (no VC){_n(pts[0].get('n'))}")
+    vc_tag = "" if vc is None else (", VC on" if vc else ", no VC")
+    ax.plot([chosen["nfc"]], [chosen[key]], "r*", ms=12, label=f"this artifact{vc_tag}{_n(chosen_n)}")
     ax.set_xlabel("NFC")
     if key == "fid_to_fp":
         ax.set_ylabel("FID to FP")
@@ -154,9 +177,20 @@ def plots(report: dict, reference: torch.Tensor, compressed: torch.Tensor) -> di
     """Every plot of the report, as ``plots/NAME.png`` -> PNG bytes."""
     sched = report.get("schedule") or {}
     steps = report["setup"]["steps"]
+    vc = dict(report.get("vc") or {})
+    vc.setdefault("samples", ((report.get("recipe") or {}).get("vc") or {}).get("samples"))
+    points = report.get("quality_vs_nfc") or []
+    chosen, chosen_n = report["compressed"], report.get("n")
+    sweep_n = points[0].get("n") if points else None
+    if sweep_n and sweep_n != chosen_n and len(reference) >= sweep_n and len(compressed) >= sweep_n:
+        from .metrics import compare_sets  # the artifact on the sweep's images: one n per plot
+
+        chosen = {"nfc": chosen["nfc"], **compare_sets(reference[:sweep_n], compressed[:sweep_n])}
+        chosen_n = sweep_n
     return {
         "plots/samples.png": plot_samples(reference, compressed),
-        "plots/error_per_step.png": plot_error_per_step(report.get("error_per_step") or {}, sched.get("full_steps")),
+        "plots/error_per_step.png": plot_error_per_step(report.get("error_per_step") or {}, sched.get("full_steps"),
+                                                        vc),
         "plots/schedule.png": plot_schedule(steps, sched.get("full_steps")),
-        "plots/quality_vs_nfc.png": plot_quality_vs_nfc(report.get("quality_vs_nfc") or [], report["compressed"]),
+        "plots/quality_vs_nfc.png": plot_quality_vs_nfc(points, chosen, chosen_n, vc.get("enabled")),
     }

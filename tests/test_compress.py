@@ -32,7 +32,7 @@ def tiny_recipe(model_dir: Path, out: Path, **sections) -> dict:
         "cache": {"policy": "rfc", "target_nfc": 4, "warmup": 2, "tune_samples": 6},
         "calibration": {"pool_images": 8, "size": 16, "clusters": 4},
         "quant": {"preset": "W8A8"},
-        "vc": {"samples": 6},
+        "vc": {"samples": 6, "enabled": True, "holdout_samples": 6},  # forced on: the VC file's path is tested
     }
     for k, v in sections.items():
         r[k] = {**r.get(k, {}), **v}

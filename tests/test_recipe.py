@@ -22,7 +22,7 @@ def test_default_recipe_loads_with_expected_values():
     assert (r.cache.policy, r.cache.target_nfc, r.cache.tau, r.cache.rfe, r.cache.rcs) == ("rfc", 14, None, True, True)
     assert (r.quant.preset, r.quant.observer, r.quant.overrides) == ("W8A8", "absmax", ())
     assert (r.calibration.selector, r.calibration.size, r.calibration.cache_aware) == ("tap", 256, True)
-    assert (r.vc.enabled, r.vc.samples, r.vc.clamp_min, r.vc.clamp_max) == (True, 64, 0.5, 1.5)
+    assert (r.vc.enabled, r.vc.samples, r.vc.clamp_min, r.vc.clamp_max) == ("auto", 64, 0.5, 1.5)
 
 
 def test_cache_section_defaults_and_values():
@@ -84,12 +84,12 @@ def test_unknown_section_is_refused():
 
 def test_vc_section():
     r = recipe_from_dict({"model": {}, "vc": {"samples": 16, "clamp_min": 0.8, "clamp_max": 1.2}})
-    assert (r.vc.enabled, r.vc.samples, r.vc.clamp_min, r.vc.clamp_max) == (True, 16, 0.8, 1.2)
+    assert (r.vc.enabled, r.vc.samples, r.vc.clamp_min, r.vc.clamp_max) == ("auto", 16, 0.8, 1.2)
     for vc, msg in (({"clamp_min": 1.2}, "vc.clamp_min: must be <= 1.0, got 1.2"),
                     ({"clamp_max": 0.9}, "vc.clamp_max: must be >= 1.0, got 0.9"),
                     ({"clamp_min": 0.0}, "vc.clamp_min: must be > 0.0, got 0.0"),
                     ({"samples": 1}, "vc.samples: must be >= 2, got 1"),
-                    ({"enabled": 1}, "vc.enabled: must be true or false, got 1")):
+                    ({"enabled": 1}, "vc.enabled: must be true, false or 'auto', got 1")):
         with pytest.raises(RecipeError) as e:
             recipe_from_dict({"model": {}, "vc": vc})
         assert str(e.value) == msg

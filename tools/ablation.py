@@ -1,19 +1,28 @@
 """Q&C-style ablation of qcache on a recipe's model (default: the embedded digits DiT), W8A8 at NFC 14 of 50.
 
     python tools/ablation.py --n 500 --json docs/results/ablation.json [--recipe recipes/digits.yaml]
+    python tools/ablation.py --preset W4A8 --nfc 10 --n 500 --sweep --seeds 5 --json docs/results/ablation_w4a8.json
 
 Rows, each measured against the full-precision model from the same noise (FID-to-FP, PSNR) and against the data
 (FID, class accuracy), with its latency ratio (FP sampling time / the row's, measured in this run) and size ratio
 (FP safetensors bytes / the row's checkpoint); every row's latency is timed interleaved with the FP model's:
 
     fp                 full precision, every step
-    ptq                W8A8, naive calibration (random over timesteps from an uncached pool), no cache
+    ptq                the preset (--preset, default W8A8), naive calibration (random over timesteps from an
+                       uncached pool), no cache
     rfc                full precision + RFC
     naive              ptq + FORA (the naive stack)
-    +tap               W8A8 calibrated by TAP on a FORA-aware pool, + FORA
-    +tap+vc            ... + variance compensation
+    +tap               calibrated by TAP on a FORA-aware pool, + FORA
+    +tap+vc            ... + variance compensation (forced on: vc.enabled true)
     rfc_instead_of_fora  ptq (naive calibration) + RFC
-    qcache             TAP on an RFC-aware pool + RFC + VC (what python -m qcache.compress builds)
+    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups) + RFC + VC as the recipe says
+                       (vc.enabled auto: kept only where it lowers the held-out error; the row's ``vc_info`` has
+                       both held-out errors and the decision)
+
+``--sweep`` adds the calibration grid under ``sweep`` (rows) and ``sweep_summary`` (mean and std over ``--seeds``
+selection seeds): selector random | kmeans | tap x pool rfc-aware | uncached x observer absmax | percentile, each
+row quantized from its own selection and sampled with the FP model's tuned RFC schedule replayed (same NFC for
+all, no VC, no latency timing), so only the calibration differs.
 
 The naive pool has as many rows as the cache-aware ones (fewer images, every step). Any recipe works (latent and
 text models: images decoded by the VAE, every stage conditioned like the compress pipeline's); FID-to-FP needs the
@@ -51,6 +60,7 @@ from common import (
 from common import log as _log
 
 from qcache.compressed import CompressedModel  # noqa: E402
+from qcache.errors import QcacheError  # noqa: E402
 from qcache.pipeline import (  # noqa: E402
     build_pool,
     cache_schedule,
@@ -64,6 +74,8 @@ from qcache.recipe import CacheConfig  # noqa: E402
 
 ROWS = ("fp", "ptq", "rfc", "naive", "+tap", "+tap+vc", "rfc_instead_of_fora", "qcache")
 KEYS = ("config", "nfc", "fid_to_fp", "fid_data", "class_accuracy", "psnr", "latency_ratio", "size_ratio")
+PRESETS = ("W8A8", "W4A8")
+SELECTORS, POOLS, OBSERVERS = ("random", "kmeans", "tap"), ("rfc", "uncached"), ("absmax", "percentile")
 
 
 def log(msg: str) -> None:
@@ -76,7 +88,8 @@ class Ablation:
     def __init__(self, args) -> None:
         self.rm = RecipeModel.load(args.recipe, device="cpu")
         recipe = self.rm.recipe
-        self.recipe = replace(recipe, quant=replace(recipe.quant, preset="W8A8"),
+        self.args = args
+        self.recipe = replace(recipe, quant=replace(recipe.quant, preset=args.preset),
                               cache=replace(recipe.cache, target_nfc=args.nfc),
                               eval=replace(recipe.eval, n=args.n, latency_samples=args.latency_samples,
                                            latency_repeats=args.repeats))
@@ -86,6 +99,8 @@ class Ablation:
         self.fora = CacheConfig(policy="fora", target_nfc=args.nfc, warmup=self.recipe.cache.warmup)
         self._products: dict[str, tuple[object, BaseException | None]] = {}
         self._ids = itertools.count()
+        self.vc_infos: dict[int, dict] = {}  # id(compressed model) -> its VC decision
+        self.sweep_rows: list[dict] = []
 
     # ---- building blocks ------------------------------------------------------------------------------------
     def product(self, key: str, build: Callable[[], object]):
@@ -100,33 +115,54 @@ class Ablation:
             raise exc
         return value
 
-    def pool(self, cache: CacheConfig | None, selector: str):
-        """A calibration set: cache-aware pool collected with ``cache`` (None: naive, every step) and a selector."""
+    def _pool_recipe(self, cache: CacheConfig | None, selector: str, seed: int | None = None):
         cal, steps = self.recipe.calibration, self.recipe.sampling.steps
+        seed = cal.seed if seed is None else seed
         if cache is None:  # naive pool: same number of rows, fewer images
             images = math.ceil(cal.pool_images * self.recipe.cache.target_nfc / steps)
-            r = replace(self.recipe, calibration=replace(cal, cache_aware=False, pool_images=images, selector=selector))
-        else:
-            r = replace(self.recipe, cache=cache, calibration=replace(cal, cache_aware=True, selector=selector))
-        t0 = time.perf_counter()
-        pool, info = build_pool(r, self.fp, self.sched, parts=self.parts)
-        sel = select_calibration(r, pool)
-        log(f"pool ({'naive' if cache is None else cache.policy}-aware) {len(pool)} rows -> {selector} {len(sel)} "
-            f"in {time.perf_counter() - t0:.1f}s")
-        return sel, info.get("tau")
+            return replace(self.recipe, calibration=replace(cal, cache_aware=False, pool_images=images,
+                                                            selector=selector, seed=seed))
+        return replace(self.recipe, cache=cache, calibration=replace(cal, cache_aware=True, selector=selector,
+                                                                     seed=seed))
 
-    def quantized(self, selection):
-        model = quantize_model(self.recipe, self.fp, selection, parts=self.parts)
+    def raw_pool(self, cache: CacheConfig | None):
+        """The pool collected with ``cache`` (None: naive, every step of uncached trajectories), once per cache."""
+        key = f"pool:{cache.policy if cache is not None else 'uncached'}"
+
+        def build():
+            t0 = time.perf_counter()
+            pool, info = build_pool(self._pool_recipe(cache, "random"), self.fp, self.sched, parts=self.parts)
+            log(f"pool ({'naive' if cache is None else cache.policy}-aware) {len(pool)} rows in "
+                f"{time.perf_counter() - t0:.1f}s")
+            return pool, info.get("tau")
+
+        return self.product(key, build)
+
+    def pool(self, cache: CacheConfig | None, selector: str, seed: int | None = None):
+        """A calibration set: cache-aware pool collected with ``cache`` (None: naive, every step) and a selector."""
+        pool, tau = self.raw_pool(cache)
+        t0 = time.perf_counter()
+        sel = select_calibration(self._pool_recipe(cache, selector, seed), pool)
+        log(f"  {selector} picked {len(sel)} of {len(pool)} rows in {time.perf_counter() - t0:.1f}s")
+        return sel, tau
+
+    def quantized(self, selection, observer: str | None = None, time_groups: int = 1):
+        over = {k: v for k, v in (("observer", observer), ("time_groups", time_groups)) if v not in (None, 1)}
+        r = replace(self.recipe, quant=replace(self.recipe.quant, **over)) if over else self.recipe
+        model = quantize_model(r, self.fp, selection, parts=self.parts)
         with_dir = Path(self.tmp) / f"q{next(self._ids)}"
         save_quantized(model, with_dir)
         return model, checkpoint_bytes(with_dir)
 
-    def compressed(self, model, cache: CacheConfig | None, vc: bool, tau_guess=None) -> CompressedModel:
+    def compressed(self, model, cache: CacheConfig | None, vc: bool | str, tau_guess=None) -> CompressedModel:
+        """``model`` with ``cache`` tuned on it; ``vc``: True forces VC, "recipe" follows vc.enabled (auto)."""
         r = replace(self.recipe, cache=cache or CacheConfig())
         schedule, _ = cache_schedule(r, model, self.sched, tau_guess, parts=self.parts)
         cm = CompressedModel(model, self.sched, self.recipe.sampling, r.cache, schedule, parts=self.parts)
         if vc:
-            cm.vc_factors, _ = fit_variance_compensation(self.recipe, cm, self.fp, self.sched)
+            vr = self.recipe if vc == "recipe" else replace(self.recipe, vc=replace(self.recipe.vc, enabled=True))
+            cm.vc_factors, _, info = fit_variance_compensation(vr, cm, self.fp, self.sched, with_info=True)
+            self.vc_infos[id(cm)] = info
         return cm
 
     # ---- one row --------------------------------------------------------------------------------------------
@@ -147,7 +183,8 @@ class Ablation:
                     "latency_ratio": fp_latency / latency, "fp_latency_s": fp_latency,
                     "size_ratio": self.fp_bytes / size, "size_bytes": size,
                     "schedule": list(cm.schedule.full_steps) if cm.schedule is not None else None,
-                    "vc": cm.vc_factors is not None, "sample_s": round(took, 2)}
+                    "vc": cm.vc_factors is not None, "sample_s": round(took, 2),
+                    **({"vc_info": self.vc_infos[id(cm)]} if id(cm) in self.vc_infos else {})}
 
         row = run_row({"config": config}, fill, label=config)
         self.rows.append(row)
@@ -177,8 +214,9 @@ class Ablation:
 
         self.measure("naive", lambda: (self.compressed(naive_q()[0], self.fora, vc=False), naive_q()[1]))
 
+        tg = self.args.time_groups  # the calibration-side rows only: naive calibration stays one group
         tap_q = lambda: self.product("tap_q", lambda: self.quantized(  # noqa: E731
-            self.product("fora_sel", lambda: self.pool(self.fora, "tap"))[0]))
+            self.product("fora_sel", lambda: self.pool(self.fora, "tap"))[0], time_groups=tg))
         self.measure("+tap", lambda: (self.compressed(tap_q()[0], self.fora, vc=False), tap_q()[1]))
         self.measure("+tap+vc", lambda: (self.compressed(tap_q()[0], self.fora, vc=True), tap_q()[1]))
 
@@ -186,10 +224,69 @@ class Ablation:
                                                                      tau_guess=fp_tau), naive_q()[1]))
 
         rfc_sel = lambda: self.product("rfc_sel", lambda: self.pool(self.recipe.cache, "tap"))  # noqa: E731
-        q = lambda: self.product("rfc_q", lambda: self.quantized(rfc_sel()[0]))  # noqa: E731
-        self.measure("qcache", lambda: (self.compressed(q()[0], self.recipe.cache, vc=True, tau_guess=rfc_sel()[1]),
-                                        q()[1]))
+        q = lambda: self.product("rfc_q", lambda: self.quantized(rfc_sel()[0], time_groups=tg))  # noqa: E731
+        self.measure("qcache", lambda: (self.compressed(q()[0], self.recipe.cache, vc="recipe",
+                                                        tau_guess=rfc_sel()[1]), q()[1]))
+        if self.args.sweep:
+            self.sweep(rfc_schedule)
         return self.rows
+
+    # ---- the calibration grid ---------------------------------------------------------------------------------
+    def sweep(self, schedule) -> None:
+        """Selector x pool x observer x seed, each on the FP model's RFC schedule replayed (no VC, no timing)."""
+        e = self.recipe.eval
+        for selector, pool, observer, seed in itertools.product(SELECTORS, POOLS, OBSERVERS, range(self.args.seeds)):
+            cache = self.recipe.cache if pool == "rfc" else None
+
+            def fill(selector=selector, cache=cache, observer=observer, seed=seed) -> dict:
+                if schedule is None:
+                    raise ValueError("the FP model's RFC schedule is missing (the rfc row failed)")
+                sel, _ = self.pool(cache, selector, seed)
+                model, size = self.quantized(sel, observer)
+                cm = CompressedModel(model, self.sched, self.recipe.sampling, self.recipe.cache, schedule,
+                                     parts=self.parts)
+                with cm.sampler() as s:
+                    out = self.rm.pixels(s.sample(e.n, progress=False))
+                return {"nfc": cm.nfc, **self.rm.compare(self.reference, out), "size_ratio": self.fp_bytes / size}
+
+            row = run_row({"config": f"{selector}/{pool}/{observer}/seed{seed}", "selector": selector, "pool": pool,
+                           "observer": observer, "seed": seed}, fill, label=f"sweep {selector}/{pool}/{observer}")
+            self.sweep_rows.append(row)
+            log(f"sweep {row['config']}: fid_to_fp={fmt(row.get('fid_to_fp'))} psnr={fmt(row.get('psnr'))}"
+                + (f"  error={row['error']}" if "error" in row else ""))
+
+
+def sweep_summary(rows: list[dict]) -> list[dict]:
+    """Mean and (population) std of FID-to-FP and PSNR over the seeds of every selector x pool x observer."""
+    out = []
+    for selector, pool, observer in itertools.product(SELECTORS, POOLS, OBSERVERS):
+        group = [r for r in rows if (r["selector"], r["pool"], r["observer"]) == (selector, pool, observer)
+                 and "error" not in r]
+        if not group:
+            continue
+        entry = {"config": f"{selector}/{pool}/{observer}", "selector": selector, "pool": pool,
+                 "observer": observer, "seeds": len(group)}
+        for key in ("fid_to_fp", "psnr"):
+            vals = [r[key] for r in group if r.get(key) is not None]
+            if vals:
+                mean = sum(vals) / len(vals)
+                entry[f"{key}_mean"] = mean
+                entry[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        out.append(entry)
+    return out
+
+
+def summary_table(summary: list[dict]) -> str:
+    """The sweep summary as Markdown: mean ± std over the selection seeds."""
+    lines = ["| selector | pool | observer | seeds | FID-to-FP | PSNR (dB) |", "|---|---|---|---:|---:|---:|"]
+
+    def pm(s: dict, k: str, d: int) -> str:
+        return f"{s[k + '_mean']:.{d}f} ± {s[k + '_std']:.{d}f}" if k + "_mean" in s else "-"
+
+    for s in summary:
+        lines.append(f"| {s['selector']} | {s['pool']} | {s['observer']} | {s['seeds']} | {pm(s, 'fid_to_fp', 3)} | "
+                     f"{pm(s, 'psnr', 2)} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -214,13 +311,26 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(DIGITS_RECIPE))
     ap.add_argument("--n", type=int, default=500, help="images per row (same noise as the FP reference)")
     ap.add_argument("--nfc", type=int, default=14, help="target NFC of the cached rows")
+    ap.add_argument("--preset", choices=PRESETS, default="W8A8", help="quantization of every quantized row")
+    ap.add_argument("--sweep", action="store_true", help="add the selector x pool x observer x seed grid")
+    ap.add_argument("--seeds", type=int, default=5, help="selection seeds per cell of the --sweep grid")
+    ap.add_argument("--time-groups", type=int, default=1,
+                    help="quant.time_groups of the TAP-calibrated rows (+tap, +tap+vc, qcache)")
     ap.add_argument("--latency-samples", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--table-from", default=None, help="only print the table of a saved result JSON")
     args = ap.parse_args()
+    if args.seeds < 1:
+        raise QcacheError(f"--seeds: must be >= 1, got {args.seeds}")
+    if not 1 <= args.time_groups <= 64:
+        raise QcacheError(f"--time-groups: must be in [1, 64], got {args.time_groups}")
     if args.table_from:
-        print(table(json.loads(Path(args.table_from).read_text())["rows"]))
+        saved = json.loads(Path(args.table_from).read_text())
+        print(table(saved["rows"]))
+        if saved.get("sweep_summary"):
+            print()
+            print(summary_table(saved["sweep_summary"]))
         return
     datasets.disable_progress_bars()
     torch.set_grad_enabled(False)
@@ -228,15 +338,22 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench.run(tmp)
-    result = {"recipe": args.recipe, "n": args.n, "nfc": args.nfc, "latency_samples": args.latency_samples,
+    result = {"recipe": args.recipe, "n": args.n, "nfc": args.nfc, "preset": args.preset,
+              "time_groups": args.time_groups,
+              "latency_samples": args.latency_samples,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "seconds": round(time.perf_counter() - t0, 1), "family": bench.parts.family.name,
               "quality": quality_key(rows), "rows": rows,
               "recipe_sections": {k: dataclasses.asdict(getattr(bench.recipe, k))
                                   for k in ("sampling", "cache", "calibration", "quant", "vc")}}
+    if args.sweep:
+        result.update(sweep=bench.sweep_rows, sweep_summary=sweep_summary(bench.sweep_rows), seeds=args.seeds)
     if args.json:
         write_json(args.json, result)
     print(table(rows))
+    if args.sweep:
+        print()
+        print(summary_table(result["sweep_summary"]))
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def dry_recipe(name: str, pipe: Path, work: Path, steps: int, images: int, devic
     cal.update(pool_images=images, size=2 * images, clusters=images)
     for key in ("pool_path", "selection_path"):  # the recipe's runs/... copies: not for a dry run
         cal.pop(key, None)
-    r["vc"].update(samples=images)
+    r["vc"].update(samples=images, holdout_samples=images)
     return r
 
 

@@ -110,16 +110,24 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
         ranges = observe_ranges(transformer, act_names, lambda: run_calibration(transformer, calib, guidance,
                                                                                 batch_size, conditioner),
                                 cfg.observer, cfg.percentile)
+    groups = _time_group_ranges(transformer, cfg, calib, act_names, guidance, batch_size, conditioner)
     apply_plan(transformer, plan)
     use_exact_cpu_int_mm(transformer)
     decisions = {}
     for name in act_names:
         m = transformer.get_submodule(name)
         dtype, device = m.input_scale.dtype, m.input_scale.device
-        m.input_scale = torch.tensor(max(ranges[name]["input"], MIN_RANGE) / INT8_MAX, dtype=dtype, device=device)
-        m.output_scale = torch.tensor(max(ranges[name]["output"], MIN_RANGE) / INT8_MAX, dtype=dtype,
-                                      device=device)
+        m.input_scale = _scale(ranges[name]["input"], dtype, device)
+        m.output_scale = _scale(ranges[name]["output"], dtype, device)
         decisions[name] = bool(cfg.quantize_outputs)
+    if groups is not None:
+        from .time_groups import IN_BUF, OUT_BUF, attach
+
+        for name in act_names:
+            m = transformer.get_submodule(name)
+            for buf, key, ref in ((IN_BUF, "input", m.input_scale), (OUT_BUF, "output", m.output_scale)):
+                m.register_buffer(buf, torch.stack([_scale(r[name][key], ref.dtype, ref.device)
+                                                    for r in groups["ranges"]]))
     set_output_quantization(transformer, decisions)
     freeze(transformer)
     transformer.requires_grad_(False)
@@ -134,5 +142,44 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
         "modules": modules,
         "ranges": ranges,
     }
+    if groups is not None:  # absent with one group: the quant map stays as it was
+        transformer.qcache_quant["time_groups"] = {"groups": cfg.time_groups, "edges": groups["edges"]}
+        transformer.qcache_quant["group_ranges"] = groups["ranges"]
+        attach(transformer, act_names, groups["edges"])
     return transformer
+
+
+def _scale(r: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(max(r, MIN_RANGE) / INT8_MAX, dtype=dtype, device=device)
+
+
+def _time_group_ranges(transformer: torch.nn.Module, cfg: QuantConfig, calib, act_names: list[str],
+                       guidance, batch_size: int, conditioner) -> dict | None:
+    """With ``cfg.time_groups`` > 1: each group's ranges (observed on its own rows) and the edges between groups in
+    the timestep units the model receives (``qcache.quant.time_groups``); None with one group."""
+    if cfg.time_groups <= 1:
+        return None
+    from .time_groups import edges_between, group_rows
+
+    if not act_names:
+        raise QcacheError(f"quant.time_groups: {cfg.time_groups} groups need activation-quantized modules; preset "
+                          f"{cfg.preset} quantizes none")
+    rows = group_rows([float(t) for t in calib["timestep"]], cfg.time_groups)
+    received: list[list[float]] = []
+
+    def record(model, args, kwargs) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        received[-1].extend(float(v) for v in torch.as_tensor(t).flatten())
+
+    handle = transformer.register_forward_pre_hook(record, with_kwargs=True)
+    ranges = []
+    try:
+        for idx in rows:
+            sub = calib.select(idx)
+            received.append([])
+            ranges.append(observe_ranges(transformer, act_names, lambda sub=sub: run_calibration(
+                transformer, sub, guidance, batch_size, conditioner), cfg.observer, cfg.percentile))
+    finally:
+        handle.remove()
+    return {"ranges": ranges, "edges": edges_between([(min(r), max(r)) for r in received])}
 

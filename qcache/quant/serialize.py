@@ -47,6 +47,10 @@ def _storage_state_dict(model: torch.nn.Module, keep_dtype: str) -> dict[str, to
             if torch.equal(low.to(v.dtype), v):  # lossless only: reload must be bit-identical
                 v = low
         out[k] = v
+    if "time_groups" in getattr(model, "qcache_quant", {}):
+        from .time_groups import group_state
+
+        out.update(group_state(model))
     return out
 
 
@@ -146,7 +150,17 @@ def validate_quant_map(qmap: object, path: Path) -> dict:
             raise bad(f"{where}.quantize_output", "must be true or false", spec.get("quantize_output"))
         if fmt == FORMAT and spec["activations"] != "none" and "quantize_output" not in spec:
             raise bad(f"{where}.quantize_output", "missing for an activation-quantized module", None)
+    if "time_groups" in qmap:
+        from .time_groups import check_map
+
+        if fmt != FORMAT:
+            raise bad("time_groups", "only the quanto format has time-grouped scales", qmap["time_groups"])
+        check_map(qmap["time_groups"], _act_names(qmap), bad)
     return qmap
+
+
+def _act_names(qmap: dict) -> list[str]:
+    return [n for n, s in qmap["modules"].items() if s["activations"] != "none"]
 
 
 def read_quant_map(directory: str | Path) -> dict:
@@ -214,6 +228,10 @@ def load_quantized(directory: str | Path, base: Callable[[], torch.nn.Module] | 
     _materialize(model, torch.device("cpu"))
     set_output_quantization(model, {n: s["quantize_output"] for n, s in qmap["modules"].items()
                                     if s["activations"] != "none"})
+    if "time_groups" in qmap:  # the per-group scales are buffers of the file: strict loading needs them present
+        from .time_groups import register_group_buffers
+
+        register_group_buffers(model, _act_names(qmap), qmap["time_groups"]["groups"])
     try:
         sd = load_file(str(directory / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types
@@ -225,12 +243,20 @@ def load_quantized(directory: str | Path, base: Callable[[], torch.nn.Module] | 
         raise QcacheError(f"load_quantized: {directory / WEIGHTS_FILE} does not match the model: "
                           f"{str(e).splitlines()[0]} {str(e).splitlines()[1:2]}") from None
     loaded = model.state_dict()
+    if "time_groups" in qmap:
+        from .time_groups import group_state
+
+        loaded.update(group_state(model))
     bad = [k for k, v in sd.items() if k not in loaded or not torch.equal(loaded[k].to(v.dtype), v)]
     if bad or set(loaded) - set(sd):
         raise QcacheError(f"load_quantized: tensors differ from {directory / WEIGHTS_FILE} after loading: "
                           f"{(bad or sorted(set(loaded) - set(sd)))[:3]}")
     model = use_exact_cpu_int_mm(model.to(device).eval().requires_grad_(False))
     model.qcache_quant = {k: v for k, v in qmap.items() if k not in ("model_config", "model_class", "dtype")}
+    if "time_groups" in qmap:
+        from .time_groups import attach
+
+        attach(model, _act_names(qmap), qmap["time_groups"]["edges"])
     return model
 
 
