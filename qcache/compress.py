@@ -303,7 +303,10 @@ def _load_schedule(r: CompressRun, path: Path, info: dict):
 def _build_vc(r: CompressRun, tmp: Path | None):
     from safetensors.torch import save_file
 
-    factors, curves = fit_variance_compensation(r.recipe, r.model(), r.fp, r.sched)
+    # one denoising batch with per-step least squares over all of it: cut across processes it would give other
+    # numbers, so rank 0 fits it and every rank gets the factors
+    factors, curves = distributed.current().on_main(
+        lambda: fit_variance_compensation(r.recipe, r.model(), r.fp, r.sched))
     if factors is not None:
         factors = factors.detach().cpu().contiguous()  # as a reused run loads it back
     if tmp is None:

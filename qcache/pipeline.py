@@ -17,8 +17,8 @@ Data parallel (``qcache.distributed``, several processes under ``accelerate laun
 calls the same functions in the same order. Per-image sampling (calibration pool, reference and evaluation
 samples, quality sweep) is split by batch, each batch computed exactly as one process computes it, and gathered on
 rank 0; the calibration pass is split by batch of rows and its statistics merged (``quant.observers``); work that
-is one search or one batch (tau tuning, the schedule, the VC fitting batch, latency, metrics) runs on rank 0 and
-its result is broadcast. Functions whose product only rank 0 keeps return None in its place on the others.
+is one search or one batch (tau tuning, latency, metrics here; the schedule and the VC fitting batch in
+``qcache.compress``) runs on rank 0 and its result is broadcast. Functions whose product only rank 0 keeps return None in its place on the others.
 """
 
 from __future__ import annotations
@@ -196,13 +196,6 @@ def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: t
     Returns (factors or None when ``vc.enabled`` is false, curves: relative L2 error of x_t per step without and
     with the factors, on the fitting batch).
     """
-    return distributed.current().on_main(lambda: _fit_vc(recipe, compressed, fp, scheduler_config))
-
-
-def _fit_vc(recipe: Recipe, compressed: CompressedModel, fp: torch.nn.Module,
-            scheduler_config: dict) -> tuple[torch.Tensor | None, dict]:
-    # one denoising batch, with per-step least squares over all of it: splitting it across processes would change
-    # its arithmetic, so under several processes rank 0 fits it and broadcasts the factors
     from .vc import fit_vc_to_trajectory, record_trajectory, trajectory_error
 
     v = recipe.vc
