@@ -18,7 +18,8 @@ calls the same functions in the same order. Per-image sampling (calibration pool
 samples, quality sweep) is split by batch, each batch computed exactly as one process computes it, and gathered on
 rank 0; the calibration pass is split by batch of rows and its statistics merged (``quant.observers``); work that
 is one search or one batch (tau tuning, latency, metrics here; the schedule and the VC fitting batch in
-``qcache.compress``) runs on rank 0 and its result is broadcast. Functions whose product only rank 0 keeps return None in its place on the others.
+``qcache.compress``) runs on rank 0 and its result is broadcast. Functions whose product only rank 0 keeps
+return None in its place on the others.
 """
 
 from __future__ import annotations
