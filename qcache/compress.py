@@ -415,10 +415,10 @@ def _compress(recipe: Recipe, loaded: LoadedModel, parts, inputs: dict, out: Pat
     run = CompressRun(recipe_dict=recipe_to_dict(recipe), inputs=inputs, recipe=recipe, loaded=loaded, parts=parts,
                       progress=progress, calibrate=needs_calibration(recipe, loaded.transformer))
     run_stages(STAGE_LIST, StageStore(out / "stages"), run, log)
-    compressed = run.model()
     d = distributed.current()
-    report = artifact = None
+    compressed = report = artifact = None
     with d.guard():  # rank 0 writes; the others wait here, then get its report
+        compressed = run.model()
         if d.is_main:
             report = _report(run)
             log("[artifact] writing report, plots and the artifact ...")
