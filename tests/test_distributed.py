@@ -231,3 +231,10 @@ def test_observer_states_merge_to_the_whole_data():
         assert parts[0].value() == parts[1].value() == whole.value()
         if isinstance(whole, PercentileObserver):
             assert torch.equal(parts[0].hist, whole.hist) and whole.value() < whole.absmax
+
+
+def test_bench_scale_refuses_bad_arguments_before_launching():
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench_scale.py"), "--processes", "1"], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --processes: must be >= 2, got 1"
+    assert p.stdout == ""
