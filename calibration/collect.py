@@ -47,7 +47,8 @@ def collect_for_recipe(recipe: Recipe, images: int | None = None, seed: int | No
     """The pool of ``recipe`` (its FP model unless ``transformer`` is given); returns (dataset, cache or None).
 
     ``conditioner`` maps condition ids to conditions (default: the recipe's, built from ``condition``); ``tau``
-    is the RCS threshold to sample with (None: ``cache.tau``, or tuned here to ``cache.target_nfc``).
+    is the RCS threshold to sample with (None: ``cache.tau``, or tuned here to ``cache.target_nfc``). Under
+    several processes the sampling is split by batch and the dataset is on rank 0 (None on the others).
     """
     cal = recipe.calibration
     if transformer is None:
@@ -59,8 +60,12 @@ def collect_for_recipe(recipe: Recipe, images: int | None = None, seed: int | No
     use_cache = cal.cache_aware if use_cache is None else use_cache
     cache = attach_recipe_cache(sampler, recipe, tau) if use_cache else None
     try:
-        pool = collect_pool(sampler, cal.pool_images if images is None else images,
-                            cal.pool_seed if seed is None else seed, progress=progress)
+        n = cal.pool_images if images is None else images
+        pool = collect_pool(sampler, n, cal.pool_seed if seed is None else seed, progress=progress)
+        if cache is not None:  # several processes: every rank's generations, in batch order
+            from qcache.distributed import merge_cache_stats, split_batches
+
+            merge_cache_stats(cache.stats, len(split_batches(n, sampler.config.batch_size)))
     finally:
         if cache is not None:
             cache.remove()

@@ -75,9 +75,40 @@ def collect_pool(sampler: Sampler, n: int, seed: int, labels: torch.Tensor | Non
                  progress: bool = False):
     """Sample ``n`` images with ``sampler`` (and whatever cache hook it carries) and return the pool Dataset.
 
-    The sampler's own hooks run as usual; the collector is appended last for the duration of the call.
+    The sampler's own hooks run as usual; the collector is appended last for the duration of the call. Under
+    several processes (``qcache.distributed``) each rank samples its batches of the same ``Sampler.sample`` call and
+    rank 0 assembles the rows in batch order (the Dataset a single process builds); the others get None.
     """
+    from qcache import distributed
+
     collector = PoolCollector(sampler.conditioner.column)
+    d = distributed.current()
+    if not d.active:
+        with sampler.extra_hooks(collector):
+            sampler.sample(n, seed=seed, labels=labels, progress=progress, desc="calibration pool")
+        return collector.to_dataset()
+    marks: dict[int, int] = {}
+
+    def before(b: int, start: int) -> None:
+        marks[b] = len(collector.x)
+        collector._offset = start  # sample ids are global image indices, as in one process
+
     with sampler.extra_hooks(collector):
-        sampler.sample(n, seed=seed, labels=labels, progress=progress, desc="calibration pool")
-    return collector.to_dataset()
+        distributed.run_batches(sampler, n, seed, labels, progress=progress, desc="calibration pool",
+                                before=before)
+    order = sorted(marks)
+    rows = {}
+    for b, nxt in zip(order, [*order[1:], None]):
+        lo, hi = marks[b], (marks[nxt] if nxt is not None else len(collector.x))
+        rows[b] = (collector.x[lo:hi], collector.timesteps[lo:hi], collector.meta[lo:hi])
+    parts = d.gather_indexed(rows, len(distributed.split_batches(n, sampler.config.batch_size)))
+    pool = None
+    with d.guard():  # rank 0 assembles; an empty pool there stops every rank
+        if parts is not None:
+            whole = PoolCollector(sampler.conditioner.column)
+            for x, t, meta in parts:
+                whole.x += x
+                whole.timesteps += t
+                whole.meta += meta
+            pool = whole.to_dataset()
+    return pool

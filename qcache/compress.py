@@ -19,6 +19,11 @@ recomputes only the stages that read what changed:
 The recipe, the model, its scheduler config and every file the recipe names are checked before DIR is created.
 The artifact is written to DIR/artifact/ through a temporary directory renamed into place; DIR/report.json is a
 copy of its report. Load it with ``qcache.load(DIR)``.
+
+Data parallel: ``accelerate launch [--num_processes K] -m qcache.compress RECIPE --out DIR`` (or ``torchrun``)
+splits the sampling of the stages across K processes and merges the calibration statistics (qcache.pipeline,
+qcache.stages); rank 0 alone locks DIR and writes the stages and the artifact, which are bit-identical to a single
+process's (docs/scale.md). Without a launcher nothing changes.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .artifact import write_artifact
-from .cli import check_output_path, json_bytes, run_cli, short_str, write_json
+from .cli import check_output_path, json_bytes, short_str, write_json
 from .compressed import CompressedModel
 from .errors import QcacheError
 from .families.parts import ModelParts
@@ -153,18 +158,35 @@ def compress(recipe: Recipe, out: str | Path | None = None, progress: bool = Tru
 
     The model, its scheduler config, the conditions and every file the recipe names are checked before the output
     directory is created; an input error is a QcacheError and nothing is written."""
+    d = distributed.current()  # several processes: every rank runs this; rank 0 alone touches ``out``
     key = "--out" if out else "output.dir"  # errors name where the path came from
-    out = check_output_path(out or recipe.output.dir, key, directory=True)
-    loaded = load_model(recipe.model)
-    parts = load_parts(loaded, recipe.condition)  # bad prompts / a missing VAE
-    check_inputs(recipe, loaded, parts)
-    inputs = stage_inputs(recipe, loaded, parts)
-    with _claim(out, key):
-        if fresh:
-            shutil.rmtree(out / "stages", ignore_errors=True)
-        for stale in out.glob(".artifact.*.partial"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        return _compress(recipe, loaded, parts, inputs, out, progress, log)
+    with d.guard():
+        out = check_output_path(out or recipe.output.dir, key, directory=True)
+        loaded = load_model(recipe.model)
+        parts = load_parts(loaded, recipe.condition)  # bad prompts / a missing VAE
+        check_inputs(recipe, loaded, parts)
+        inputs = stage_inputs(recipe, loaded, parts)
+    if not d.active:
+        with _claim(out, key):
+            _clean(out, fresh)
+            return _compress(recipe, loaded, parts, inputs, out, progress, log)
+    with contextlib.ExitStack() as held:
+        with d.guard():  # rank 0 claims the directory before any rank starts; the others never write to it
+            if d.is_main:
+                held.enter_context(_claim(out, key))
+                _clean(out, fresh)
+        return _compress(recipe, loaded, parts, inputs, out, progress, log if d.is_main else _quiet)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _clean(out: Path, fresh: bool) -> None:
+    if fresh:
+        shutil.rmtree(out / "stages", ignore_errors=True)
+    for stale in out.glob(".artifact.*.partial"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # ---- the stages ------------------------------------------------------------------------------------------------
@@ -226,23 +248,30 @@ def _no_calibration(r: CompressRun) -> str | None:
     return f"quant.preset {r.recipe.quant.preset} quantizes no activations"
 
 
-def _build_pool(r: CompressRun, tmp: Path):
+# Each build gets its temporary stage directory, or None on the ranks other than 0 under several processes
+# (qcache.stages): those take their share of the sampling, write nothing and keep only what later stages need.
+def _build_pool(r: CompressRun, tmp: Path | None):
     pool, info = build_pool(r.recipe, r.fp, r.sched, r.progress, r.parts)  # tunes tau on FP first (tune_fp_tau)
-    pool.save_to_disk(str(tmp / "pool"))
+    if tmp is not None:
+        pool.save_to_disk(str(tmp / "pool"))
     return pool, info
 
 
-def _build_selection(r: CompressRun, tmp: Path):
+def _build_selection(r: CompressRun, tmp: Path | None):
+    if tmp is None:  # rank 0 selects; quantize_model hands each rank its rows
+        return None, None
     pool = r.product("pool")
     sel = select_calibration(r.recipe, pool)
     sel.save_to_disk(str(tmp / "selection"))
     return sel, {"rows": len(sel), "pool_rows": len(pool), "selector": r.recipe.calibration.selector}
 
 
-def _build_quantize(r: CompressRun, tmp: Path):
+def _build_quantize(r: CompressRun, tmp: Path | None):
     from .quant import checkpoint_bytes, save_quantized
 
-    model = quantize_model(r.recipe, r.fp, r.product("selection"), r.parts)
+    model = quantize_model(r.recipe, r.fp, r.product("selection") if tmp is not None else None, r.parts)
+    if tmp is None:
+        return model, None
     save_quantized(model, tmp / "transformer")
     return model, {"preset": r.recipe.quant.preset, "modules": len(model.qcache_quant["modules"]),
                    "bytes": checkpoint_bytes(tmp / "transformer")}
@@ -254,10 +283,12 @@ def _load_quantize(r: CompressRun, path: Path, info: dict):
     return load_quantized(path / "transformer", device=r.loaded.device)
 
 
-def _build_schedule(r: CompressRun, tmp: Path):
+def _build_schedule(r: CompressRun, tmp: Path | None):
     tau_guess = (r.infos["pool"] or {}).get("tau")  # the FP model's tau, where the pool stage tuned one
-    schedule, info = cache_schedule(r.recipe, r.product("quantize"), r.sched, tau_guess, r.parts)
-    if schedule is not None:
+    # one tau search: rank 0 runs it, every rank gets the schedule
+    schedule, info = distributed.current().on_main(
+        lambda: cache_schedule(r.recipe, r.product("quantize"), r.sched, tau_guess, r.parts))
+    if tmp is not None and schedule is not None:
         schedule.save(tmp / SCHEDULE_FILE)
     return schedule, {**info, "nfc": schedule.nfc if schedule else r.recipe.sampling.steps,
                       "full_steps": list(schedule.full_steps) if schedule else None}
@@ -269,12 +300,18 @@ def _load_schedule(r: CompressRun, path: Path, info: dict):
     return StaticSchedule.load(path / SCHEDULE_FILE) if info["full_steps"] else None
 
 
-def _build_vc(r: CompressRun, tmp: Path):
+def _build_vc(r: CompressRun, tmp: Path | None):
     from safetensors.torch import save_file
 
-    factors, curves, info = fit_variance_compensation(r.recipe, r.model(), r.fp, r.sched, with_info=True)
+    # one denoising batch with per-step least squares over all of it: cut across processes it would give other
+    # numbers, so rank 0 fits (and validates) it and every rank gets the factors
+    factors, curves, info = distributed.current().on_main(
+        lambda: fit_variance_compensation(r.recipe, r.model(), r.fp, r.sched, with_info=True))
     if factors is not None:
         factors = factors.detach().cpu().contiguous()  # as a reused run loads it back
+    if tmp is None:
+        return (factors, curves), None
+    if factors is not None:
         save_file({"factors": factors}, str(tmp / VC_FILE))
     (tmp / "curves.json").write_bytes(json_bytes(curves, indent=None))
     return (factors, curves), info  # info["enabled"]: the factors are kept (vc.enabled auto may drop them)
@@ -287,23 +324,30 @@ def _load_vc(r: CompressRun, path: Path, info: dict):
     return factors, json.loads((path / "curves.json").read_text())
 
 
-def _build_reference(r: CompressRun, tmp: Path):
+def _build_reference(r: CompressRun, tmp: Path | None):
     samples, quality = reference_samples(r.recipe, r.fp, r.sched, r.progress, r.parts)
+    if tmp is None:
+        return None, None
     _save_samples(tmp / SAMPLES_FILE, samples)
     return samples, quality
 
 
-def _build_evaluate(r: CompressRun, tmp: Path):
-    metrics = evaluate_pair(r.recipe, r.fp, r.sched, r.model(), r.product("reference"), r.infos["reference"],
+def _build_evaluate(r: CompressRun, tmp: Path | None):
+    reference = r.product("reference") if tmp is not None else None
+    metrics = evaluate_pair(r.recipe, r.fp, r.sched, r.model(), reference, r.infos["reference"],
                             r.infos["quantize"]["bytes"], r.progress)
+    if tmp is None:
+        return None, None
     samples = metrics.pop("_samples")
     _save_samples(tmp / SAMPLES_FILE, samples)
     return samples, metrics
 
 
-def _build_sweep(r: CompressRun, tmp: Path):
-    points = quality_sweep(r.recipe, r.model(), r.product("reference"), r.infos["schedule"].get("tau"),
-                           progress=r.progress)
+def _build_sweep(r: CompressRun, tmp: Path | None):
+    reference = r.product("reference") if tmp is not None else None
+    points = quality_sweep(r.recipe, r.model(), reference, r.infos["schedule"].get("tau"), progress=r.progress)
+    if tmp is None:
+        return None, None
     return points, {"points": points}
 
 
@@ -370,15 +414,20 @@ def _compress(recipe: Recipe, loaded: LoadedModel, parts, inputs: dict, out: Pat
     run = CompressRun(recipe_dict=recipe_to_dict(recipe), inputs=inputs, recipe=recipe, loaded=loaded, parts=parts,
                       progress=progress, calibrate=needs_calibration(recipe, loaded.transformer))
     run_stages(STAGE_LIST, StageStore(out / "stages"), run, log)
-    compressed = run.model()
-    report = _report(run)
-    log("[artifact] writing report, plots and the artifact ...")
-    files = plots(report, run.product("reference").images, run.product("evaluate").images)
-    report["seconds"] = round(time.perf_counter() - t_start, 1)
-    report_json = json_bytes(report, default=str)
-    files.update({"report.json": report_json, "report.md": report_markdown(report).encode()})
-    artifact = write_artifact(out / "artifact", compressed, recipe, files)
-    write_json(out / "report.json", report)
+    d = distributed.current()
+    compressed = report = artifact = None
+    with d.guard():  # rank 0 writes; the others wait here, then get its report
+        compressed = run.model()
+        if d.is_main:
+            report = _report(run)
+            log("[artifact] writing report, plots and the artifact ...")
+            files = plots(report, run.product("reference").images, run.product("evaluate").images)
+            report["seconds"] = round(time.perf_counter() - t_start, 1)
+            report_json = json_bytes(report, default=str)
+            files.update({"report.json": report_json, "report.md": report_markdown(report).encode()})
+            artifact = write_artifact(out / "artifact", compressed, recipe, files)
+            write_json(out / "report.json", report)
+    report, artifact = d.broadcast((report, artifact))
     return CompressResult(compressed, report, artifact, out)
 
 
@@ -406,6 +455,7 @@ def _report(r: CompressRun) -> dict:
             "cache": recipe.cache.policy, "calibration": _calibration_desc(r), "steps": recipe.sampling.steps,
             "scheduler": recipe.sampling.scheduler, "guidance_scale": recipe.sampling.guidance_scale,
             "seed": recipe.sampling.seed,
+            **({"processes": distributed.current().world_size} if distributed.current().active else {}),
         },
         **{k: metrics[k] for k in ("n", "latency_samples", "latency_repeats", "full_precision", "compressed")},
         "schedule": r.infos["schedule"],
@@ -432,10 +482,12 @@ def main() -> None:
         recipe = replace(recipe, eval=replace(recipe.eval, n=args.n))
     torch.set_grad_enabled(False)
     result = compress(recipe, args.out, progress=not args.no_progress, fresh=args.fresh)
+    if not distributed.current().is_main:
+        return
     print(summary_table(result.report))
     print(f"artifact: {result.artifact}  (report: {result.out / 'report.json'}, "
           f"{result.report['seconds']:.0f}s)")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    distributed.main(main)  # run_cli; one error line for all processes under accelerate launch / torchrun

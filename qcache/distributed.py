@@ -92,6 +92,36 @@ class Dist:
         dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank; ``obj`` is ignored on the others. One process: ``obj``."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def scatter(self, objs: list[Any] | None) -> Any:
+        """Item ``rank`` of rank 0's list ``objs`` (one picklable item per rank; ignored on the others)."""
+        if not self.active:
+            assert objs is not None
+            return objs[0]
+        import torch.distributed as dist
+
+        out: list[Any] = [None]
+        dist.scatter_object_list(out, objs if self.is_main else None, src=0, group=self.group)
+        return out[0]
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on rank 0 alone (the others wait), its result broadcast to every rank; an error in it stops
+        every rank (``guard``). For work that cannot be split without changing its numbers."""
+        result = None
+        with self.guard():
+            if self.is_main:
+                result = fn()
+        return self.broadcast(result)
+
     def gather_indexed(self, items: dict[int, Any], count: int) -> list[Any] | None:
         """Assemble ``{global index: item}`` pieces of all ranks into one list of ``count`` items, on rank 0
         (None on the others). Every index in ``range(count)`` must be held by exactly one rank."""
@@ -230,31 +260,70 @@ def split_batches(count: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
 
 
-def sample_parallel(sampler, n: int, seed: int | None = None, labels: torch.Tensor | None = None,
-                    progress: bool = True, desc: str = "sampling"):
-    """``sampler.sample(n, seed, labels)`` split over the processes by batch; the whole ``SampleSet`` on rank 0,
-    None on the others. One process: exactly ``sampler.sample``. Several: rank r runs batches b with
-    ``b % world_size == r``, with the same noise, labels and per-batch generator as ``Sampler.sample``, so the
-    gathered set is bit-identical to a single process's."""
+def run_batches(sampler, n: int, seed: int | None = None, labels: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None, progress: bool = True, desc: str = "sampling",
+                before: Callable[[int, int], None] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """This rank's batches of ``sampler.sample(n, seed, labels, noise)``: ``({batch index: x_0}, labels)``.
+
+    The batches, noise, labels and per-batch generators are exactly ``Sampler.sample``'s; rank r runs the batches b
+    with ``b % world_size == r`` (one process: all of them), each through ``sampler.denoise`` with the sampler's
+    hooks. ``before(b, start)`` is called before batch b (whose first image has global index ``start``). Errors stop
+    every rank (``guard``); no exchange happens here, so callers gather the pieces afterwards."""
     from tqdm.auto import tqdm
 
-    from .sampling import SampleSet, make_noise
+    from .sampling import make_noise
+
+    d = current()
+    seed = sampler.config.seed if seed is None else seed
+    labels = sampler.conditioner.default_ids(n) if labels is None else labels.long().cpu()
+    done: dict[int, torch.Tensor] = {}
+    with d.guard():
+        sampler.conditioner.check_ids(labels)
+        noise = make_noise(n, sampler.sample_shape, seed) if noise is None else noise
+        if len(labels) != n or len(noise) != n:
+            raise ValueError(f"need {n} labels and noise tensors, got {len(labels)} and {len(noise)}")
+        batches = split_batches(n, sampler.config.batch_size)
+        mine = d.mine(len(batches))
+        with tqdm(total=len(mine) * sampler.config.steps, desc=desc, disable=not (progress and d.is_main),
+                  leave=False) as bar:
+            for b in mine:
+                start, end = batches[b]
+                if before is not None:
+                    before(b, start)
+                gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b + 1)
+                done[b] = sampler.denoise(noise[start:end], labels[start:end], gen, bar)
+    return done, labels
+
+
+def sample_parallel(sampler, n: int, seed: int | None = None, labels: torch.Tensor | None = None,
+                    progress: bool = True, desc: str = "sampling", noise: torch.Tensor | None = None):
+    """``sampler.sample(n, seed, labels, noise)`` split over the processes by batch; the whole ``SampleSet`` on
+    rank 0, None on the others. One process: exactly ``sampler.sample``. Several: rank r runs batches b with
+    ``b % world_size == r``, with the same noise, labels and per-batch generator as ``Sampler.sample``, so the
+    gathered set is bit-identical to a single process's."""
+    from .sampling import SampleSet
 
     d = current()
     if not d.active:
-        return sampler.sample(n, seed=seed, labels=labels, progress=progress, desc=desc)
-    seed = sampler.config.seed if seed is None else seed
-    labels = sampler.conditioner.default_ids(n) if labels is None else labels.long().cpu()
-    sampler.conditioner.check_ids(labels)
-    noise = make_noise(n, sampler.sample_shape, seed)
-    batches = split_batches(n, sampler.config.batch_size)
-    done: dict[int, torch.Tensor] = {}
-    with d.guard(), tqdm(total=len(d.mine(len(batches))) * sampler.config.steps, desc=desc,
-                         disable=not (progress and d.is_main), leave=False) as bar:
-        for b in d.mine(len(batches)):
-            start, end = batches[b]
-            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b + 1)
-            done[b] = sampler.denoise(noise[start:end], labels[start:end], gen, bar)
-    parts = d.gather_indexed(done, len(batches))
+        return sampler.sample(n, seed=seed, labels=labels, noise=noise, progress=progress, desc=desc)
+    done, labels = run_batches(sampler, n, seed, labels, noise, progress, desc)
+    parts = d.gather_indexed(done, len(split_batches(n, sampler.config.batch_size)))
     return None if parts is None else SampleSet(torch.cat(parts), labels)
+
+
+def merge_cache_stats(stats, batches: int) -> None:
+    """Make a cache's ``CacheStats`` hold the generations of every rank's batches in global batch order, on every
+    rank (one generation per batch, as ``run_batches`` ran them): the NFC a single process would report."""
+    d = current()
+    if not d.active:
+        return
+    stats.end_generation()
+    per_rank = d.all_gather(list(stats.generations))
+    merged = []
+    for b in range(batches):
+        r, k = b % d.world_size, b // d.world_size
+        if k >= len(per_rank[r]):
+            raise QcacheError(f"distributed: rank {r} recorded no cache generation for batch {b}")
+        merged.append(per_rank[r][k])
+    stats.generations = merged
 

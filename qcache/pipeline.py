@@ -12,6 +12,14 @@
 takes the model's ``parts`` (``qcache.families.ModelParts``: conditioner and VAE decoder; default: the class
 conditioner of a pixel-space model), so the same stages serve DiT, PixArt and SD3. Quality is measured on images:
 latent-space samples are decoded by the VAE first.
+
+Data parallel (``qcache.distributed``, several processes under ``accelerate launch`` or ``torchrun``): every rank
+calls the same functions in the same order. Per-image sampling (calibration pool, reference and evaluation
+samples, quality sweep) is split by batch, each batch computed exactly as one process computes it, and gathered on
+rank 0; the calibration pass is split by batch of rows and its statistics merged (``quant.observers``); work that
+is one search or one batch (tau tuning, latency, metrics here; the schedule and the VC fitting batch in
+``qcache.compress``) runs on rank 0 and its result is broadcast. Functions whose product only rank 0 keeps
+return None in its place on the others.
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ import dataclasses
 
 import torch
 
+from . import distributed
 from .compressed import CompressedModel
 from .evaluate import flops_per_image, quality_metrics, time_interleaved
 from .families.parts import ModelParts, default_parts
 from .metrics import compare_sets
 from .recipe import Recipe
 from .sampling import Sampler, SampleSet, make_noise
+
+CALIBRATION_BATCH = 128  # rows per forward pass of the calibration set (quantize_transformer's batch_size)
 
 
 def _parts(parts: ModelParts | None, transformer: torch.nn.Module) -> ModelParts:
@@ -84,9 +95,11 @@ def build_pool(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, prog
     """
     from calibration.collect import collect_for_recipe
 
-    tuned = tune_fp_tau(recipe, fp, scheduler_config, parts)
+    tuned = distributed.current().on_main(lambda: tune_fp_tau(recipe, fp, scheduler_config, parts))
     pool, cache = collect_for_recipe(recipe, progress=progress, transformer=fp, scheduler_config=scheduler_config,
                                      conditioner=_parts(parts, fp).conditioner, tau=tuned.tau if tuned else None)
+    if pool is None:  # another rank's share: rank 0 holds the pool
+        return None, None
     info = {"rows": len(pool), "images": recipe.calibration.pool_images,
             "cache": recipe.cache.policy if cache is not None else "none"}
     if cache is not None:
@@ -107,12 +120,49 @@ def select_calibration(recipe: Recipe, pool):
 # ---- quantization ----------------------------------------------------------------------------------------------
 def quantize_model(recipe: Recipe, fp: torch.nn.Module, selection=None,
                    parts: ModelParts | None = None) -> torch.nn.Module:
-    """A quantized copy of ``fp`` per ``recipe.quant``, activation ranges observed on ``selection``."""
+    """A quantized copy of ``fp`` per ``recipe.quant``, activation ranges observed on ``selection``.
+
+    Several processes: ``selection`` is read on rank 0 only; each rank observes its batches of rows and the ranges
+    are merged, so every rank gets the same model, the one a single process builds."""
     from .quant import quantize_transformer
+    from .quant.observers import reduced_across
 
     model = copy.deepcopy(fp)
-    return quantize_transformer(model, recipe.quant, selection, guidance=recipe.sampling.guidance_scale,
-                                conditioner=_parts(parts, fp).conditioner)
+    conditioner = _parts(parts, fp).conditioner
+    d = distributed.current()
+    if not d.active:
+        return quantize_transformer(model, recipe.quant, selection, guidance=recipe.sampling.guidance_scale,
+                                    batch_size=CALIBRATION_BATCH, conditioner=conditioner)
+    rows = d.on_main(lambda: None if selection is None else len(selection))
+    if rows is None:  # nothing to observe: every rank quantizes the weights alike
+        with d.guard():
+            model = quantize_transformer(model, recipe.quant, None, guidance=recipe.sampling.guidance_scale,
+                                         batch_size=CALIBRATION_BATCH, conditioner=conditioner)
+        return model
+    share = d.scatter(_calibration_shares(selection, rows, d.world_size) if d.is_main else None)
+    counts, columns, features = share
+    with d.guard():
+        from datasets import Dataset
+
+        calib = Dataset.from_dict(columns, features=features)
+        with reduced_across(lambda obj: d.all_gather(obj if counts else None)):
+            model = quantize_transformer(model, recipe.quant, calib, guidance=recipe.sampling.guidance_scale,
+                                         batch_size=CALIBRATION_BATCH, conditioner=conditioner)
+        model.qcache_quant["calibration_rows"] = rows  # all of them, as one process records
+    return model
+
+
+def _calibration_shares(selection, rows: int, world: int) -> list[tuple[bool, dict, object]]:
+    """Per rank: (whether its rows count, its rows' columns, the features) — the rows of the calibration batches
+    b with ``b % world == rank``. A rank with no batch gets the first row, observed but not counted, so that every
+    rank runs the same passes."""
+    batches = distributed.split_batches(rows, CALIBRATION_BATCH)
+    out = []
+    for r in range(world):
+        idx = [i for b in distributed.Dist(r, world).mine(len(batches)) for i in range(*batches[b])]
+        sub = selection.select(idx or [0])
+        out.append((bool(idx), sub.with_format("numpy")[:], sub.features))
+    return out
 
 
 # ---- cache schedule --------------------------------------------------------------------------------------------
@@ -165,11 +215,19 @@ def fit_variance_compensation(recipe: Recipe, compressed: CompressedModel, fp: t
 # ---- evaluation ------------------------------------------------------------------------------------------------
 def reference_samples(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, progress: bool = False,
                       parts: ModelParts | None = None) -> tuple[SampleSet, dict]:
-    """The FP model's ``eval.n`` images (the reference every compressed image is compared with) and its quality."""
+    """The FP model's ``eval.n`` images (the reference every compressed image is compared with) and its quality.
+
+    Several processes: sampled by batch on every rank; (None, None) on all but rank 0."""
     parts = _parts(parts, fp)
-    samples = _pixels(_sampler(recipe, fp, scheduler_config, parts).sample(recipe.eval.n, progress=progress,
-                                                                           desc="full precision"), parts)
-    return samples, quality_metrics(samples, parts.conditioner)
+    d = distributed.current()
+    raw = distributed.sample_parallel(_sampler(recipe, fp, scheduler_config, parts), recipe.eval.n,
+                                      progress=progress, desc="full precision")
+    out = (None, None)
+    with d.guard():
+        if raw is not None:
+            samples = _pixels(raw, parts)
+            out = (samples, quality_metrics(samples, parts.conditioner))
+    return out
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -182,7 +240,27 @@ def model_bytes(model: torch.nn.Module) -> int:
 def evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, compressed: CompressedModel,
                   reference: SampleSet, reference_quality: dict, compressed_bytes: int,
                   progress: bool = False) -> dict:
-    """Metrics of the FP and compressed models on the same noise; latencies measured here, in one run."""
+    """Metrics of the FP and compressed models on the same noise; latencies measured here, in one run.
+
+    Several processes: the compressed samples are split by batch; rank 0 alone measures latency, FLOPs and metrics
+    (the others wait) and returns the metrics; the others return None."""
+    d = distributed.current()
+    if d.active:
+        with compressed.sampler() as s:
+            raw = distributed.sample_parallel(s, recipe.eval.n, progress=progress, desc="compressed")
+        out = None
+        with d.guard():
+            if raw is not None:
+                out = _evaluate_pair(recipe, fp, scheduler_config, compressed, reference, reference_quality,
+                                     compressed_bytes, progress, raw)
+        return out
+    return _evaluate_pair(recipe, fp, scheduler_config, compressed, reference, reference_quality, compressed_bytes,
+                          progress, None)
+
+
+def _evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, compressed: CompressedModel,
+                   reference: SampleSet, reference_quality: dict, compressed_bytes: int, progress: bool,
+                   raw: SampleSet | None) -> dict:
     e = recipe.eval
     n_lat = min(e.latency_samples, e.n)
     parts = compressed.parts
@@ -190,7 +268,7 @@ def evaluate_pair(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, c
     fp_bytes = model_bytes(fp)
     fp_flops = flops_per_image(fp_sampler)
     with compressed.sampler() as s:
-        samples = _pixels(s.sample(e.n, progress=progress, desc="compressed"), parts)
+        samples = _pixels(s.sample(e.n, progress=progress, desc="compressed") if raw is None else raw, parts)
         fp_latency, c_latency = time_interleaved([fp_sampler, s], n_lat, e.latency_repeats)
     # FLOPs count multiply-adds whatever their precision (quanto's int8 kernels are opaque to torch's counter):
     # the compressed model's are those of the FP weights on the same cache schedule
@@ -218,14 +296,17 @@ def quality_sweep(recipe: Recipe, compressed: CompressedModel, reference: Sample
     """FID-to-FP and PSNR of the quantized model (VC off) at several cache settings: quality against NFC.
 
     RCS runs live at multiples of the tuned tau; fixed schedules at a list of NFCs. Images: the first ``n`` of the
-    reference noise.
+    reference noise. Several processes: each setting's images are split by batch; ``reference`` is needed on rank 0
+    only (None elsewhere), which returns the points (the others return None).
     """
     from .cache import attach_cache
 
+    d = distributed.current()
     cfg, steps = compressed.cache, compressed.sampling.steps
     if compressed.schedule is None or cfg.policy == "none":
-        return []
-    n = min(n, len(reference.images))
+        return [] if reference is not None else None
+    count, labels = d.broadcast((len(reference.images), reference.labels) if reference is not None else None)
+    n = min(n, count)
     if cfg.policy == "rfc" and cfg.rcs and tau:
         settings = [dict(tau=tau * f) for f in SWEEP_TAU_FACTORS]
     else:
@@ -234,7 +315,7 @@ def quality_sweep(recipe: Recipe, compressed: CompressedModel, reference: Sample
     points = []
     sampler = Sampler(compressed.transformer, compressed.scheduler_config, compressed.sampling,
                       conditioner=compressed.parts.conditioner)
-    noise = make_noise(len(reference.images), sampler.sample_shape, compressed.sampling.seed)[:n]
+    noise = make_noise(count, sampler.sample_shape, compressed.sampling.seed)[:n]
     for st in settings:
         if "tau" in st:
             cache = attach_cache(compressed.transformer, dataclasses.replace(cfg, target_nfc=None), tau=st["tau"])
@@ -243,11 +324,14 @@ def quality_sweep(recipe: Recipe, compressed: CompressedModel, reference: Sample
             cache = attach_cache(compressed.transformer, dataclasses.replace(cfg, target_nfc=st["nfc"], **fixed))
         try:
             with sampler.extra_hooks(cache):
-                out = sampler.sample(n, labels=reference.labels[:n], noise=noise, progress=progress,
-                                     desc="quality sweep")
+                out = distributed.sample_parallel(sampler, n, labels=labels[:n], noise=noise, progress=progress,
+                                                  desc="quality sweep")
+            distributed.merge_cache_stats(cache.stats, len(distributed.split_batches(n, sampler.config.batch_size)))
         finally:
             cache.remove()
-        nfc = cache.stats.mean_nfc()
-        cmp = compare_sets(reference.images[:n], compressed.parts.to_pixels(out.images))
-        points.append({**st, "nfc": nfc, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"], "n": n})
-    return points
+        with d.guard():
+            if out is not None:
+                nfc = cache.stats.mean_nfc()
+                cmp = compare_sets(reference.images[:n], compressed.parts.to_pixels(out.images))
+                points.append({**st, "nfc": nfc, "fid_to_fp": cmp["fid_to_fp"], "psnr": cmp["psnr"], "n": n})
+    return points if reference is not None else None

@@ -8,6 +8,13 @@ key is reused; one whose key changed is rebuilt; a stage killed half-way left on
 removed. So an interrupted ``qcache.compress`` resumes at the stage it was in, and a changed recipe, model or noise
 schedule recomputes exactly the stages that read what changed. ``run_stages`` walks a list of stages in order;
 products built in the run stay in memory, only reused ones are loaded from disk.
+
+Several processes (``qcache.distributed``): every rank walks the same stages, and every rank runs each build (the
+builds split their sampling across ranks). Rank 0 alone owns the store: it decides whether a stage is reused, builds
+into the temporary directory and renames it in; the others build with no directory (``None``: write nothing) and
+get rank 0's info, so the keys, infos and the order of exchanges are the same everywhere. A reused product is
+loaded by another rank only if it asks for it, from the stage directory (which it must be able to read: one node,
+or a shared filesystem). An error on any rank during a stage stops every rank with one line.
 """
 
 from __future__ import annotations
@@ -152,7 +159,14 @@ def derive_key(stage: Stage, run: StageRun) -> str:
 
 
 def run_stages(stages: list[Stage], store: StageStore, run: StageRun, log: Callable[[str], None]) -> None:
-    """Run (or reuse) each stage in order, filling ``run``'s keys, products, infos and timings."""
+    """Run (or reuse) each stage in order, filling ``run``'s keys, products, infos and timings.
+
+    Under several processes every rank calls this; rank 0 reads and writes ``store`` and logs (module docstring)."""
+    from .distributed import current
+
+    d = current()
+    if not d.is_main:
+        log = _silent
     n = len(stages)
     for i, stage in enumerate(stages, 1):
         why = stage.skip(run) if stage.skip is not None else None
@@ -169,7 +183,10 @@ def run_stages(stages: list[Stage], store: StageStore, run: StageRun, log: Calla
             return info
 
         log(f"[{i}/{n}] {stage.name} ...")
-        res = store.run(stage.name, key, build)
+        if not d.active:
+            res = store.run(stage.name, key, build)
+        else:
+            res = _run_distributed(d, store, stage.name, key, build)
         run.keys[stage.name], run.infos[stage.name] = key, res.info
         if built:
             run.products[stage.name] = built[0]
@@ -178,3 +195,25 @@ def run_stages(stages: list[Stage], store: StageStore, run: StageRun, log: Calla
         run.timings[stage.name] = {"seconds": round(res.seconds, 2), "reused": res.reused}
         how = "reused from an earlier run" if res.reused else f"{res.seconds:.1f}s"
         log(f"[{i}/{n}] {stage.name}: {stage.summary(res.info)} ({how})")
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+def _run_distributed(d, store: StageStore, name: str, key: str, build: Callable[[Path | None], dict | None]
+                     ) -> StageResult:
+    """``store.run`` on rank 0 and ``build(None)`` on the others, for one stage; every rank returns rank 0's result
+    (its info and timing; the others keep the product they built)."""
+    res = None
+    with d.guard():
+        if d.is_main:
+            res = store.load(name, key)
+    reused = d.broadcast(res is not None)
+    if not reused:
+        with d.guard():  # the builds exchange pieces inside; a failure on any rank ends here on all of them
+            if d.is_main:
+                res = store.run(name, key, build)
+            else:
+                build(None)
+    return d.broadcast(res)

@@ -1,7 +1,8 @@
-"""Data parallelism: 2 CPU processes (gloo) give bit-identical samples and evaluations; an error on one rank stops
-both with one line. qcache's modules are started by ``accelerate launch --multi_gpu`` (accelerate's ``--cpu``
-multi-process mode needs mpirun; ``--multi_gpu`` starts torchrun-style processes, which use gloo when there is no
-GPU; torchrun itself would read ``--n`` as an abbreviation of its own options), the error test's script by torchrun."""
+"""Data parallelism: 2 CPU processes (gloo) give bit-identical samples, evaluations and compress artifacts; an error
+on one rank stops both with one line. qcache's modules are started by ``accelerate launch --multi_gpu``
+(accelerate's ``--cpu`` multi-process mode needs mpirun; ``--multi_gpu`` starts torchrun-style processes, which use
+gloo when there is no GPU; torchrun itself would read ``--n`` as an abbreviation of its own options), the error
+test's script by torchrun."""
 
 from __future__ import annotations
 
@@ -132,3 +133,108 @@ def test_an_error_on_one_rank_stops_all_with_one_line(tmp_path: Path):
     errors = [line for line in (p.stdout + p.stderr).splitlines() if "error: " in line and "boom" in line]
     assert len(errors) == 1 and errors[0].endswith("error: rank 1: ValueError: boom on one rank"), p.stderr
     assert "Traceback" not in p.stderr.split("error: rank 1")[0]
+
+
+# ---- data-parallel compress ---------------------------------------------------------------------------------------
+# digits with small batches so that every split has several batches: pool 48 images in 6 batches, a calibration set
+# of 260 rows in 3 passes of 128 (rank 0 gets two, rank 1 one), evaluation and sweep 24 images in 3 batches
+TINY_COMPRESS = {
+    "model": {"source": "builtin:digits", "device": "cpu"},
+    "sampling": {"steps": 10, "batch_size": 8, "seed": 0},
+    "eval": {"n": 24, "latency_repeats": 1, "latency_samples": 2},
+    "cache": {"policy": "rfc", "target_nfc": 6, "warmup": 2, "tune_samples": 8},
+    "calibration": {"pool_images": 48, "size": 260, "selector": "random"},
+    "quant": {"observer": "percentile"},
+    "vc": {"samples": 8},
+}
+ARTIFACT_FILES = ("transformer/model.safetensors", "transformer/quant_map.json", "cache_schedule.json",
+                  "vc_factors.safetensors")
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stage_infos(out: Path) -> dict:
+    def strip(v):  # latencies are measured, not computed
+        return {k: strip(x) for k, x in v.items() if "latency" not in k} if isinstance(v, dict) else v
+
+    return {p.parent.name: strip(json.loads(p.read_text())["info"]) for p in (out / "stages").glob("*/stage.json")}
+
+
+@pytest.mark.slow
+def test_two_processes_compress_like_one(tmp_path: Path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_COMPRESS))
+    outs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"c{procs}"
+        p = launch(procs, "qcache.compress", str(recipe), "--out", str(out), "--no-progress")
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("artifact: ") == 1  # rank 0 alone reports
+        assert p.stderr.count("[1/8] pool ...") == 1  # and logs
+        outs[procs] = out
+    one, two = outs[1], outs[2]
+    for f in ARTIFACT_FILES:
+        assert _sha(one / "artifact" / f) == _sha(two / "artifact" / f), f
+    for f in ("reference/samples.safetensors", "evaluate/samples.safetensors", "pool/pool/data-00000-of-00001.arrow"):
+        assert _sha(one / "stages" / f) == _sha(two / "stages" / f), f
+    i1, i2 = _stage_infos(one), _stage_infos(two)
+    assert i1 == i2 and len(i1) == 8
+    assert i1["pool"]["rows"] > 256 and i1["selection"]["rows"] == 260  # three calibration passes, split
+    qmap = json.loads((two / "artifact/transformer/quant_map.json").read_text())
+    assert qmap["calibration_rows"] == 260 and qmap["observer"] == "percentile"
+    report = json.loads((two / "report.json").read_text())
+    assert report["setup"]["processes"] == 2 and "processes" not in json.loads((one / "report.json").read_text())[
+        "setup"]
+    assert not list(two.glob(".artifact.*")) and not list((two / "stages").glob(".*.partial"))
+    # a re-run reuses every stage on every rank and writes the same artifact
+    again = launch(2, "qcache.compress", str(recipe), "--out", str(two), "--no-progress")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("reused from an earlier run") == 8
+    for f in ARTIFACT_FILES:
+        assert _sha(one / "artifact" / f) == _sha(two / "artifact" / f), f
+
+
+def test_two_processes_compress_error_is_one_line(tmp_path: Path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_COMPRESS))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    p = launch(2, "qcache.compress", str(recipe), "--out", str(blocker), "--no-progress", timeout=300)
+    assert p.returncode != 0  # the launcher's own code (accelerate: 1); each rank exited with 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines == [f"error: --out: {blocker} exists and is not a directory"], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr.split("error: --out")[0]  # (the launcher prints its own after)
+    assert blocker.read_text() == "not a directory"
+
+
+def test_observer_states_merge_to_the_whole_data():
+    import torch
+
+    from qcache.quant.observers import AbsmaxObserver, PercentileObserver
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(50, 7, generator=g) * s for s in (1.0, 3.0, 0.5)]
+    for make in (AbsmaxObserver, lambda: PercentileObserver(99.0, bins=64)):
+        whole, parts = make(), [make(), make()]
+        for p in range(whole.passes):
+            for b in batches:
+                whole.update(b, p)
+            for i, b in enumerate(batches):  # batches 0 and 2 on "rank 0", batch 1 on "rank 1"
+                parts[i % 2].update(b, p)
+            states = [o.state(p) for o in parts]
+            for o in parts:
+                o.merge(states, p)
+        assert parts[0].value() == parts[1].value() == whole.value()
+        if isinstance(whole, PercentileObserver):
+            assert torch.equal(parts[0].hist, whole.hist) and whole.value() < whole.absmax
+
+
+def test_bench_scale_refuses_bad_arguments_before_launching():
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench_scale.py"), "--processes", "1"], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --processes: must be >= 2, got 1"
+    assert p.stdout == ""

@@ -3,11 +3,18 @@
 ``observe_ranges`` hooks the named modules of a full-precision model, runs the calibration set through it once
 (absmax) or twice (percentile: absmax, then a histogram on [0, absmax]) and returns each module's input and output
 range. Ranges become quanto scales as ``range / 127``.
+
+Data parallel: inside ``reduced_across(exchange)`` each process feeds its share of the calibration batches and
+``observe_ranges`` merges the statistics of all processes after every pass (``state``/``merge``: max of absmax,
+sum of histogram counts). Both are exact whatever the split: a max is order-free and the histogram counts are
+integers held in float64, so every process ends with the ranges one process computes from all batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -28,6 +35,14 @@ class AbsmaxObserver:
 
     def value(self) -> float:
         return self.absmax
+
+    def state(self, pass_index: int) -> Any:
+        """What pass ``pass_index`` accumulated, to be merged with other processes' (``merge``)."""
+        return self.absmax
+
+    def merge(self, states: list[Any], pass_index: int) -> None:
+        """Replace this pass's statistics by the merge of every process's ``state`` (this one's included)."""
+        self.absmax = max(states)
 
 
 class PercentileObserver(AbsmaxObserver):
@@ -51,6 +66,15 @@ class PercentileObserver(AbsmaxObserver):
             a = x.detach().abs().float().flatten()
             self.hist += torch.histc(a, bins=self.bins, min=0.0, max=self.absmax).double().cpu()
 
+    def state(self, pass_index: int) -> Any:
+        return self.absmax if pass_index == 0 else self.hist
+
+    def merge(self, states: list[Any], pass_index: int) -> None:
+        if pass_index == 0:
+            self.absmax = max(states)
+        else:  # integer counts in float64: the sum is exact in any order
+            self.hist = torch.stack([torch.as_tensor(h, dtype=torch.float64) for h in states]).sum(0)
+
     def value(self) -> float:
         total = float(self.hist.sum())
         if self.q >= 100.0 or total == 0:
@@ -66,6 +90,32 @@ def make_observer(kind: str, percentile: float = 99.99) -> AbsmaxObserver:
     if kind == "percentile":
         return PercentileObserver(percentile)
     raise ValueError(f"quant.observer: must be 'absmax' or 'percentile', got {kind!r}")
+
+
+# exchange(obj) -> every process's obj, in rank order (None for a process whose observations do not count)
+_EXCHANGE: list[Callable[[Any], list[Any]]] = []
+
+
+@contextlib.contextmanager
+def reduced_across(exchange: Callable[[Any], list[Any]]) -> Iterator[None]:
+    """Within: ``observe_ranges`` merges each pass's statistics across processes through ``exchange`` (every rank
+    must call ``observe_ranges`` the same number of times, with the same module names)."""
+    _EXCHANGE.append(exchange)
+    try:
+        yield
+    finally:
+        _EXCHANGE.pop()
+
+
+def _merge_pass(observers: list[AbsmaxObserver], pass_index: int) -> None:
+    if not _EXCHANGE:
+        return
+    states = _EXCHANGE[-1]([o.state(pass_index) for o in observers])
+    counted = [s for s in states if s is not None]
+    if not counted:
+        raise ValueError("calibration: no process observed any calibration row")
+    for j, o in enumerate(observers):
+        o.merge([s[j] for s in counted], pass_index)
 
 
 def observe_ranges(model: torch.nn.Module, names: list[str], run: Callable[[], None], kind: str = "absmax",
@@ -87,4 +137,5 @@ def observe_ranges(model: torch.nn.Module, names: list[str], run: Callable[[], N
         finally:
             for h in handles:
                 h.remove()
+        _merge_pass([o for n in names for o in observers[n]], p)
     return {n: {"input": o[0].value(), "output": o[1].value()} for n, o in observers.items()}
