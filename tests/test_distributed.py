@@ -145,7 +145,7 @@ TINY_COMPRESS = {
     "cache": {"policy": "rfc", "target_nfc": 6, "warmup": 2, "tune_samples": 8},
     "calibration": {"pool_images": 48, "size": 260, "selector": "random"},
     "quant": {"observer": "percentile"},
-    "vc": {"samples": 8},
+    "vc": {"enabled": True, "samples": 8},  # forced: the VC file is compared too
 }
 ARTIFACT_FILES = ("transformer/model.safetensors", "transformer/quant_map.json", "cache_schedule.json",
                   "vc_factors.safetensors")

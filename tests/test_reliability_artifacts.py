@@ -38,7 +38,7 @@ def _recipe(model_dir: Path, out: Path):
         "sampling": {"steps": STEPS, "batch_size": 8, "seed": 0},
         "cache": {"policy": "fora", "interval": 2},
         "quant": {"preset": "W8"},
-        "vc": {"samples": 2},
+        "vc": {"enabled": True, "samples": 2},  # forced: the VC file is tampered with below
         "output": {"dir": str(out)},
     })
 

@@ -41,7 +41,7 @@ def small_recipe(model_dir: Path, out: Path, **sections) -> dict:
         "cache": {"policy": "rfc", "target_nfc": 3, "warmup": 2, "tune_samples": 2},
         "calibration": {"pool_images": 2, "size": 4, "selector": "random"},
         "quant": {"preset": "W8A8"},
-        "vc": {"samples": 2},
+        "vc": {"enabled": True, "samples": 2},  # forced: the VC file is compared below
     }
     for k, v in sections.items():
         r[k] = {**r.get(k, {}), **v}
