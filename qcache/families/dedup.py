@@ -126,7 +126,7 @@ class RowDedupHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         own = self.fn_ref.original_forward
         groups = _ACTIVE.get()
-        if groups is None or torch.compiler.is_compiling() or not _has_rows((args, kwargs), groups.rows):
+        if groups is None or not _has_rows((args, kwargs), groups.rows):
             return own(*args, **kwargs)
         kwargs = _select(kwargs, groups)
         if kwargs.get("batch_size") == groups.rows:  # PixArt's adaLN-single takes the batch size as an argument
