@@ -56,6 +56,31 @@ def run(model_dir: Path, tmp_path_factory):
     return recipe, compress(recipe, out, progress=False, log=lambda m: None)
 
 
+def test_latency_parts_times_each_part_of_the_artifact_on_its_own_model(run, tmp_path: Path, monkeypatch):
+    """tools/latency_parts.py: one row per part, in order, ratios against fp; parts never share a transformer."""
+    import tools  # noqa: F401 - makes ``common`` importable
+    import tools.latency_parts as lp
+
+    _, res = run
+    seen: list[int] = []
+    real = lp.time_interleaved
+
+    def timed(samplers, n, repeats):
+        seen.extend(id(s.transformer) for s in samplers)
+        return real(samplers, n, repeats)
+
+    monkeypatch.setattr(lp, "time_interleaved", timed)
+    out = tmp_path / "parts.json"
+    lp.main([str(res.out), "--n", "2", "--repeats", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["part"] for r in data["rows"]] == list(lp.PARTS) and data["n"] == 2
+    assert data["rows"][0]["latency_ratio"] == 1.0
+    assert all(r["latency_s"] > 0 for r in data["rows"])
+    assert len(set(seen)) == len(lp.PARTS)  # five transformers: no cache hook on a shared model
+    with pytest.raises(qcache.QcacheError, match="no recipe.yaml"):
+        lp.main([str(tmp_path), "--n", "2"])
+
+
 def test_report_holds_every_metric_for_both_models(run):
     recipe, res = run
     report = json.loads((res.out / "report.json").read_text())
