@@ -287,6 +287,37 @@ def test_both_cpu_int_mm_routes_give_the_same_w8a8_model_output(monkeypatch):
     assert outs["native"].abs().sum() > 0
 
 
+def test_scoped_quanto_cpu_path_is_bit_identical_to_quanto_and_restored_exactly():
+    """Inside the scope, activation quantization (one temporary) and the int32 -> float epilogue (one pass) are
+    qcache's; a W8A8 model's output equals quanto's own path bit for bit, and the library is restored as it was."""
+    import inspect
+
+    from optimum.quanto.tensor.activations.qbytes import ActivationQBytesQuantizer
+    from optimum.quanto.tensor.weights.qbytes import WeightQBytesLinearFunction
+
+    from qcache.quant import kernels
+
+    x = torch.randn(64, 32) * 3
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.5]) * 0.05  # ties round to even
+    scale = torch.tensor(0.05)
+    assert torch.equal(kernels.quantize_activation_int8(x, scale),
+                       torch.ops.quanto.quantize_symmetric(x, dtype=torch.int8, axis=None, scale=scale))
+    model = quantize_transformer(tiny_dit(), QuantConfig(preset="W8A8"), calib_set())
+    classes = (ActivationQBytesQuantizer, WeightQBytesLinearFunction)
+    before = [inspect.getattr_static(c, "forward") for c in classes]
+    with kernels.exact_cpu_int_mm():
+        assert all(inspect.getattr_static(c, "forward") is not b for c, b in zip(classes, before))
+        ours = forward(model, model_inputs())
+    assert all(inspect.getattr_static(c, "forward") is b for c, b in zip(classes, before))
+    hooks = (model._forward_pre_hooks.copy(), model._forward_hooks.copy())
+    model._forward_pre_hooks.clear(), model._forward_hooks.clear()  # quanto's own path, no qcache scope
+    try:
+        theirs = forward(model, model_inputs())
+    finally:
+        model._forward_pre_hooks.update(hooks[0]), model._forward_hooks.update(hooks[1])
+    assert torch.equal(ours, theirs) and ours.abs().sum() > 0
+
+
 def test_importing_qcache_patches_no_library_and_models_scope_the_exact_route():
     """The exact CPU int8 route is swapped in only while a quantized model runs (issue: no import-time patching)."""
     import subprocess

@@ -1,4 +1,4 @@
-"""An exact, fast CPU replacement for the int8 x int8 GEMM behind quanto's W8A8 linears.
+"""An exact, fast CPU path for quanto's W8A8 linears: the int8 x int8 GEMM, and the work around it.
 
 quanto 0.2.7 runs W8A8 on CPU through ``torch._int_mm``, which on CPUs without int8 matrix units (this project's
 2-core machines) is ~35x slower than an fp32 matmul: a W8A8 digits model sampled 9x slower than fp32. The int32
@@ -14,12 +14,20 @@ fp32 matmul (docs/speed.md). Both routes give the same integers, so the choice i
 ``chosen_cpu_int_mm_route`` times each once per process on a DiT-sized GEMM
 and keeps the faster; the environment variable ``QCACHE_CPU_INT_MM`` (``auto``, ``native`` or ``float``) overrides
 it, and ``forced_cpu_int_mm_route`` overrides both inside a ``with`` block.
+
+Around the GEMM, quanto's eager CPU path allocates an activation-sized tensor per elementwise step: dividing by the
+activation scale, rounding, clamping and casting the input; casting the int32 product to float and scaling it;
+adding the bias. On the digits model that work took twice as long as the int8 GEMMs themselves (docs/speed.md).
+Inside the same scope, ``quantize_activation_int8`` rounds and clamps in place, the int32 product is scaled in one
+promoting multiply, and the bias is added in place: the same operations in the same order, so the same bits
+(``tests/test_quant.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -108,7 +116,60 @@ def _qbytes_int_mm(activations: torch.Tensor, weights: torch.Tensor, output_scal
     out_features = weights.shape[0]
     out = cpu_int_mm(activations.reshape(-1, activations.shape[-1]), weights.t())
     out = out.reshape(activations.shape[:-1] + (out_features,))
+    if output_scales.dtype == torch.float32:  # int32 x float32 promotes in the multiply: one pass, same values
+        return torch.mul(out, output_scales.t())
     return (out.to(torch.float32) * output_scales.t()).to(output_scales.dtype)
+
+
+def quantize_activation_int8(base: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.int8
+                             ) -> torch.Tensor:
+    """quanto's per-tensor symmetric activation quantization, ``clamp(round(base / scale)).to(dtype)``, with one
+    temporary instead of three (rounded and clamped in place): bit-identical, and on CPU, where a W8A8 linear of
+    the digits model spent twice as long quantizing its input as in the int8 GEMM itself, cheaper."""
+    info = torch.iinfo(dtype)
+    data = base / scale
+    return data.round_().clamp_(info.min, info.max).to(dtype)
+
+
+def _activation_quantizer_forward(ctx, base: torch.Tensor, qtype, scale: torch.Tensor) -> torch.Tensor:
+    """``ActivationQBytesQuantizer.forward`` of quanto 0.2.7 with ``quantize_activation_int8`` on CPU int8."""
+    if base.device.type != "cpu" or qtype.dtype != torch.int8 or scale.numel() != 1:
+        return _ORIGINALS["quanto_activations"].__func__(ctx, base, qtype, scale)
+    from optimum.quanto.tensor.activations.qbytes import ActivationQBytesTensor
+
+    data = quantize_activation_int8(base, scale, qtype.dtype)
+    return ActivationQBytesTensor(qtype, base.size(), base.stride(), data, scale)
+
+
+def _activation_quantizer():
+    from optimum.quanto.tensor.activations.qbytes import ActivationQBytesQuantizer
+
+    return ActivationQBytesQuantizer
+
+
+def _linear_function():
+    from optimum.quanto.tensor.weights.qbytes import WeightQBytesLinearFunction
+
+    return WeightQBytesLinearFunction
+
+
+def _qbytes_linear_forward(ctx, input: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """``WeightQBytesLinearFunction.forward`` of quanto 0.2.7 for inference on CPU: the bias is added in place to
+    the GEMM's fresh output instead of into another activation-sized tensor (the same sum)."""
+    from optimum.quanto.tensor import QBytesTensor
+
+    if input.device.type != "cpu" or torch.is_grad_enabled() and (input.requires_grad or other.requires_grad):
+        return _ORIGINALS["quanto_linear"].__func__(ctx, input, other, bias)
+    if isinstance(input, QBytesTensor):
+        output = torch.ops.quanto.qbytes_mm(input._data, other._data, input._scale * other._scale)
+    else:
+        output_shape = input.shape[:-1] + (other.shape[0],)
+        output = torch.ops.quanto.qbytes_mm(input.reshape(-1, input.shape[-1]), other._data, other._scale)
+        output = output.reshape(output_shape)
+    if bias is not None:
+        output = output.add_(bias) if output.dtype == torch.promote_types(output.dtype, bias.dtype) else output + bias
+    return output
 
 
 def _ao_int_scaled_mm_cpu(a: torch.Tensor, b: torch.Tensor, scales1: torch.Tensor) -> torch.Tensor:
@@ -121,7 +182,9 @@ def _targets() -> list[tuple[str, object, str, Callable]]:
     """(key, module, attribute, replacement) of every library function the exact route stands in for."""
     from optimum.quanto.library import qbytes_mm
 
-    out = [("quanto", qbytes_mm, "qbytes_int_mm", _qbytes_int_mm)]
+    out = [("quanto", qbytes_mm, "qbytes_int_mm", _qbytes_int_mm),
+           ("quanto_activations", _activation_quantizer(), "forward", staticmethod(_activation_quantizer_forward)),
+           ("quanto_linear", _linear_function(), "forward", staticmethod(_qbytes_linear_forward))]
     if "torchao" in sys.modules:  # only when the torchao backend is in use: never imported from here
         try:
             from torchao.kernel import intmm
@@ -149,7 +212,7 @@ def exact_cpu_int_mm() -> Iterator[None]:
     with _LOCK:
         if _DEPTH == 0:
             for key, mod, attr, fn in _targets():
-                _ORIGINALS[key] = getattr(mod, attr)
+                _ORIGINALS[key] = inspect.getattr_static(mod, attr)  # a class's staticmethod object as it is
                 setattr(mod, attr, fn)
         _DEPTH += 1
     try:
