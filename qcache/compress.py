@@ -61,6 +61,7 @@ from .pipeline import (
     quality_sweep,
     quantize_model,
     reference_samples,
+    schedule_model,
     select_calibration,
 )
 from .recipe import Recipe, load_recipe, recipe_to_dict
@@ -287,7 +288,8 @@ def _build_schedule(r: CompressRun, tmp: Path | None):
     tau_guess = (r.infos["pool"] or {}).get("tau")  # the FP model's tau, where the pool stage tuned one
     # one tau search: rank 0 runs it, every rank gets the schedule
     schedule, info = distributed.current().on_main(
-        lambda: cache_schedule(r.recipe, r.product("quantize"), r.sched, tau_guess, r.parts))
+        lambda: cache_schedule(r.recipe, schedule_model(r.recipe, r.fp, r.product("quantize")), r.sched, tau_guess,
+                               r.parts))
     if tmp is not None and schedule is not None:
         schedule.save(tmp / SCHEDULE_FILE)
     return schedule, {**info, "nfc": schedule.nfc if schedule else r.recipe.sampling.steps,
@@ -388,7 +390,7 @@ STAGE_LIST: list[Stage] = [
           after=("selection",)),
     Stage("schedule", _build_schedule, _load_schedule,
           lambda i: f"{i['policy']}, NFC {i['nfc']}" + (f", tau {i['tau']:.4g}" if i.get("tau") else ""),
-          recipe=(*_SAMPLING, "cache"), inputs=("scheduler", "condition", "schedule_file"),
+          recipe=("model", *_SAMPLING, "cache"), inputs=("weights", "scheduler", "condition", "schedule_file"),
           after=("quantize", "pool")),
     Stage("vc", _build_vc, _load_vc, _summary_vc, recipe=("model", *_SAMPLING, "cache", "vc"),
           inputs=("weights", "scheduler", "condition"), after=("quantize", "schedule")),

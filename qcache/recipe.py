@@ -132,6 +132,9 @@ class CacheConfig:
     granularity: Literal["module", "block", "span"] = "module"
     fresh_head: int = _f(1, ge=0, le=1000)  # span: first blocks run on every step
     fresh_tail: int = _f(1, ge=0, le=1000)  # span: last blocks run on every step
+    # the model whose RCS error trace chooses the static schedule of qcache.compress: the full-precision model (the
+    # trajectory the compressed one should follow) or the compressed one itself (docs/cache.md)
+    schedule_on: Literal["fp", "compressed"] = "fp"
 
     def validate(self, path: str) -> None:
         needs_tau = self.policy == "rfc" and self.rcs and self.schedule is None

@@ -14,8 +14,10 @@ Rows, each measured against the full-precision model from the same noise (FID-to
     naive              ptq + FORA (the naive stack)
     +tap               calibrated by TAP on a FORA-aware pool, + FORA
     +tap+vc            ... + variance compensation (forced on: vc.enabled true)
-    rfc_instead_of_fora  ptq (naive calibration) + RFC
-    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups) + RFC + VC as the recipe says
+    rfc_instead_of_fora  ptq (naive calibration) + RFC, its schedule tuned on the quantized model itself
+                       (cache.schedule_on: compressed: RFC applied to the quantized model as is)
+    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups) + RFC with the recipe's
+                       cache.schedule_on (default fp: the schedule of the FP trajectory) + VC as the recipe says
                        (vc.enabled auto: kept only where it lowers the held-out error; the row's ``vc_info`` has
                        both held-out errors and the decision)
 
@@ -67,6 +69,7 @@ from qcache.pipeline import (  # noqa: E402
     fit_variance_compensation,
     model_bytes,
     quantize_model,
+    schedule_model,
     select_calibration,
 )
 from qcache.quant import checkpoint_bytes, save_quantized  # noqa: E402
@@ -157,7 +160,7 @@ class Ablation:
     def compressed(self, model, cache: CacheConfig | None, vc: bool | str, tau_guess=None) -> CompressedModel:
         """``model`` with ``cache`` tuned on it; ``vc``: True forces VC, "recipe" follows vc.enabled (auto)."""
         r = replace(self.recipe, cache=cache or CacheConfig())
-        schedule, _ = cache_schedule(r, model, self.sched, tau_guess, parts=self.parts)
+        schedule, _ = cache_schedule(r, schedule_model(r, self.fp, model), self.sched, tau_guess, parts=self.parts)
         cm = CompressedModel(model, self.sched, self.recipe.sampling, r.cache, schedule, parts=self.parts)
         if vc:
             vr = self.recipe if vc == "recipe" else replace(self.recipe, vc=replace(self.recipe.vc, enabled=True))
@@ -220,7 +223,8 @@ class Ablation:
         self.measure("+tap", lambda: (self.compressed(tap_q()[0], self.fora, vc=False), tap_q()[1]))
         self.measure("+tap+vc", lambda: (self.compressed(tap_q()[0], self.fora, vc=True), tap_q()[1]))
 
-        self.measure("rfc_instead_of_fora", lambda: (self.compressed(naive_q()[0], self.recipe.cache, vc=False,
+        naive_rfc = replace(self.recipe.cache, schedule_on="compressed")  # RFC applied to the quantized model as is
+        self.measure("rfc_instead_of_fora", lambda: (self.compressed(naive_q()[0], naive_rfc, vc=False,
                                                                      tau_guess=fp_tau), naive_q()[1]))
 
         rfc_sel = lambda: self.product("rfc_sel", lambda: self.pool(self.recipe.cache, "tap"))  # noqa: E731
