@@ -32,6 +32,16 @@ def test_cache_section_defaults_and_values():
     assert recipe_from_dict({"model": {}, "cache": {"policy": "rfc", "tau": 0}}).cache.tau == 0.0
 
 
+def test_schedule_is_chosen_on_the_fp_model_unless_the_recipe_says_compressed():
+    from qcache.pipeline import schedule_model
+
+    fp, quantized = object(), object()
+    r = recipe_from_dict({"model": {}, "cache": {"policy": "rfc", "target_nfc": 10}})
+    assert r.cache.schedule_on == "fp" and schedule_model(r, fp, quantized) is fp
+    r = recipe_from_dict({"model": {}, "cache": {"policy": "rfc", "target_nfc": 10, "schedule_on": "compressed"}})
+    assert schedule_model(r, fp, quantized) is quantized
+
+
 def test_defaults_fill_missing_sections():
     r = recipe_from_dict({"model": {}})
     assert r.model.source == "builtin:digits" and r.sampling.steps == 50 and r.eval.n == 500
@@ -63,6 +73,8 @@ def test_int_accepted_for_float_field():
         ({"model": {}, "cache": {"tau": -0.1}}, "cache.tau: must be >= 0.0, got -0.1"),
         ({"model": {}, "cache": {"rfe": "yes"}}, "cache.rfe: must be true or false, got 'yes'"),
         ({"model": {}, "cache": {"store_dtype": "int8"}}, "cache.store_dtype: must be one of"),
+        ({"model": {}, "cache": {"schedule_on": "quantized"}},
+         "cache.schedule_on: must be one of 'fp', 'compressed', got 'quantized'"),
         ({"model": {}, "cache": {"policy": "rfc"}}, "cache.target_nfc: rfc with rcs needs tau or target_nfc"),
         ({"model": {}, "cache": {"target_nfc": 1, "warmup": 3}}, "cache.target_nfc: must be >= warmup (3), got 1"),
         ({"model": {}, "cache": {"target_nfc": 60}}, "cache.target_nfc: must be <= sampling.steps (50), got 60"),
