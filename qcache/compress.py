@@ -10,7 +10,7 @@ recomputes only the stages that read what changed:
     1 pool       tau tuned on the FP model, then the cache-aware calibration pool (the recipe's cache active)
     2 selection  calibration set (random | kmeans | tap)
     3 quantize   optimum-quanto with our observers
-    4 schedule   tau for the target NFC on the quantized model -> static full-step schedule
+    4 schedule   tau for the target NFC on cache.schedule_on's model (FP by default) -> static full-step schedule
     5 vc         variance-compensation factors against the FP trajectory
     6 reference  the FP model's evaluation samples
     7 evaluate   the compressed model on the same noise; latency of both, in one run

@@ -74,9 +74,9 @@ def has_cache(recipe: Recipe) -> bool:
 def tune_fp_tau(recipe: Recipe, fp: torch.nn.Module, scheduler_config: dict, parts: ModelParts | None = None):
     """RCS's tau tuned to ``cache.target_nfc`` on the FP model, or None when the pool has nothing to tune.
 
-    The cache-aware pool is sampled with this tau, and the schedule stage's search on the quantized model starts
-    from it (``cache_schedule``'s ``tau_guess``): the two models need nearly the same tau. Nothing is tuned without
-    a cache-aware pool, without RCS, with a fixed ``cache.tau`` or with a replayed ``cache.schedule``.
+    The cache-aware pool is sampled with this tau, and the schedule stage's search (on ``schedule_model``) starts
+    from it (``cache_schedule``'s ``tau_guess``): the FP and quantized models need nearly the same tau. Nothing is
+    tuned without a cache-aware pool, without RCS, with a fixed ``cache.tau`` or with a replayed ``cache.schedule``.
     """
     from .cache import tune_tau
 
