@@ -202,11 +202,13 @@ _LOCK = threading.RLock()
 
 @contextlib.contextmanager
 def exact_cpu_int_mm() -> Iterator[None]:
-    """Inside the block, quanto's CPU int8 GEMM (and torchao's, when torchao is loaded) run through ``cpu_int_mm``;
-    the libraries' own functions are back on exit (re-entrant: the outermost block restores them).
+    """Inside the block, quanto's CPU int8 GEMM (and torchao's, when torchao is loaded) run through ``cpu_int_mm``,
+    and quanto's activation quantizer and int8 linear through their leaner CPU versions above; the libraries' own
+    functions (and class attributes) are back on exit (re-entrant: the outermost block restores them).
 
-    quanto 0.2.7 looks its CPU kernel up as a module global at call time, so the swap reaches every call made
-    inside the block and nothing outside it. Results are bit-identical either way; only the speed differs.
+    quanto 0.2.7 looks its CPU kernel up as a module global, and its autograd functions' ``forward`` on the class,
+    at call time, so the swap reaches every call made inside the block and nothing outside it. Results are
+    bit-identical either way; only the speed differs.
     """
     global _DEPTH
     with _LOCK:
