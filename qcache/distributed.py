@@ -243,13 +243,20 @@ def main(entry: Callable[[], int | None]) -> NoReturn:
 
     def wrapped() -> int | None:
         d = init()
+        done = False
         try:
-            return entry()
+            result = entry()
+            done = True
+            return result
         except QcacheError:
             if not d.is_main:
                 sys.exit(EXIT_USAGE)
             raise
         finally:
+            if done:
+                # leave together: a rank that tears gloo down while a peer still talks to it (rank 0 also hosts
+                # the rendezvous store) can abort. Only after success: after an error a peer may never arrive.
+                d.barrier()
             shutdown()
 
     run_cli(wrapped)
