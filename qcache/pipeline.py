@@ -57,13 +57,16 @@ def _quiet(msg: str) -> None:
 
 
 def needs_calibration(recipe: Recipe, fp: torch.nn.Module) -> bool:
-    """Whether the quant preset (with its overrides) quantizes any activation with static ranges, i.e. needs
-    calibration data (the torchao backend quantizes activations dynamically and never does)."""
+    """Whether the quant preset (with its overrides) quantizes any activation with static ranges, or searches int4
+    weight clipping on calibration activations, i.e. needs calibration data (the torchao backend quantizes
+    activations dynamically and never does)."""
     from .quant import plan_quantization
 
     if recipe.quant.backend == "torchao":
         return False
-    return any(s["activations"] != "none" for s in plan_quantization(fp, recipe.quant).values())
+    plan = plan_quantization(fp, recipe.quant).values()
+    return any(s["activations"] != "none" for s in plan) or (
+        recipe.quant.weight_clip == "search" and any(s["weights"] == "int4" for s in plan))
 
 
 def has_cache(recipe: Recipe) -> bool:

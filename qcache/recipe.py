@@ -196,6 +196,9 @@ class QuantConfig:
     compile: bool = False  # torchao: torch.compile the blocks' norm1/attention/feed-forward modules
     float8: bool = False  # torchao: 8-bit weights (and activations) in float8 e4m3 instead of int8 (CUDA sm >= 8.9)
     time_groups: int = _f(1, ge=1, le=64)  # quanto: activation scales per group of timesteps (docs/quant.md)
+    # quanto: search: clip each int4 weight group's range to the alpha that minimises its output error on the
+    # calibration activations (qcache.quant.weight_clip); none: quanto's min/max
+    weight_clip: Literal["none", "search"] = "none"
 
     def validate(self, path: str) -> None:
         if self.backend == "quanto":
@@ -220,6 +223,9 @@ class QuantConfig:
         if self.time_groups != 1:
             raise RecipeError(f"{path}.time_groups: backend torchao has no static activation scales to group by "
                               f"timestep (only backend quanto does), got {self.time_groups}")
+        if self.weight_clip != "none":
+            raise RecipeError(f"{path}.weight_clip: backend torchao has no int4 weights to clip (only backend quanto "
+                              f"does), got {self.weight_clip!r}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Q&C-style ablation of qcache on a recipe's model (default: the embedded digits DiT), W8A8 at NFC 14 of 50.
 
     python tools/ablation.py --n 500 --json docs/results/ablation.json [--recipe recipes/digits.yaml]
-    python tools/ablation.py --preset W4A8 --nfc 10 --n 500 --sweep --seeds 5 --json docs/results/ablation_w4a8.json
+    python tools/ablation.py --preset W4A8 --nfc 10 --n 500 --weight-clip search --sweep --seeds 5 \
+        --json docs/results/ablation_w4a8.json
 
 Rows, each measured against the full-precision model from the same noise (FID-to-FP, PSNR) and against the data
 (FID, class accuracy), with its latency ratio (FP sampling time / the row's, measured in this run) and size ratio
@@ -16,7 +17,10 @@ Rows, each measured against the full-precision model from the same noise (FID-to
     +tap+vc            ... + variance compensation (forced on: vc.enabled true)
     rfc_instead_of_fora  ptq (naive calibration) + RFC, its schedule tuned on the quantized model itself
                        (cache.schedule_on: compressed: RFC applied to the quantized model as is)
-    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups) + RFC with the recipe's
+    rfc_instead_of_fora+clip  (with --weight-clip search only) the same with the int4 weight clip search run on the
+                       naive calibration set: the search's own share, apart from the cache-aware set
+    qcache             TAP on an RFC-aware pool (quant.time_groups = --time-groups, quant.weight_clip =
+                       --weight-clip) + RFC with the recipe's
                        cache.schedule_on (default fp: the schedule of the FP trajectory) + VC as the recipe says
                        (vc.enabled auto: kept only where it lowers the held-out error; the row's ``vc_info`` has
                        both held-out errors and the decision)
@@ -76,6 +80,7 @@ from qcache.quant import checkpoint_bytes, save_quantized  # noqa: E402
 from qcache.recipe import CacheConfig  # noqa: E402
 
 ROWS = ("fp", "ptq", "rfc", "naive", "+tap", "+tap+vc", "rfc_instead_of_fora", "qcache")
+CLIP_ROW = "rfc_instead_of_fora+clip"  # before qcache, with --weight-clip search only
 KEYS = ("config", "nfc", "fid_to_fp", "fid_data", "class_accuracy", "psnr", "latency_ratio", "size_ratio")
 PRESETS = ("W8A8", "W4A8")
 SELECTORS, POOLS, OBSERVERS = ("random", "kmeans", "tap"), ("rfc", "uncached"), ("absmax", "percentile")
@@ -149,8 +154,9 @@ class Ablation:
         log(f"  {selector} picked {len(sel)} of {len(pool)} rows in {time.perf_counter() - t0:.1f}s")
         return sel, tau
 
-    def quantized(self, selection, observer: str | None = None, time_groups: int = 1):
-        over = {k: v for k, v in (("observer", observer), ("time_groups", time_groups)) if v not in (None, 1)}
+    def quantized(self, selection, observer: str | None = None, time_groups: int = 1, weight_clip: str = "none"):
+        over = {k: v for k, v in (("observer", observer), ("time_groups", time_groups), ("weight_clip", weight_clip))
+                if v not in (None, 1, "none")}
         r = replace(self.recipe, quant=replace(self.recipe.quant, **over)) if over else self.recipe
         model = quantize_model(r, self.fp, selection, parts=self.parts)
         with_dir = Path(self.tmp) / f"q{next(self._ids)}"
@@ -217,9 +223,10 @@ class Ablation:
 
         self.measure("naive", lambda: (self.compressed(naive_q()[0], self.fora, vc=False), naive_q()[1]))
 
-        tg = self.args.time_groups  # the calibration-side rows only: naive calibration stays one group
+        # the calibration-side rows only: naive calibration stays one group, quanto's own weight scales
+        tg, clip = self.args.time_groups, self.args.weight_clip
         tap_q = lambda: self.product("tap_q", lambda: self.quantized(  # noqa: E731
-            self.product("fora_sel", lambda: self.pool(self.fora, "tap"))[0], time_groups=tg))
+            self.product("fora_sel", lambda: self.pool(self.fora, "tap"))[0], time_groups=tg, weight_clip=clip))
         self.measure("+tap", lambda: (self.compressed(tap_q()[0], self.fora, vc=False), tap_q()[1]))
         self.measure("+tap+vc", lambda: (self.compressed(tap_q()[0], self.fora, vc=True), tap_q()[1]))
 
@@ -227,8 +234,15 @@ class Ablation:
         self.measure("rfc_instead_of_fora", lambda: (self.compressed(naive_q()[0], naive_rfc, vc=False,
                                                                      tau_guess=fp_tau), naive_q()[1]))
 
+        if clip != "none":  # the weight search alone, on the naive calibration set: what the cache-aware set adds
+            clip_q = lambda: self.product("naive_clip_q", lambda: self.quantized(  # noqa: E731
+                self.product("naive_sel", lambda: self.pool(None, "random"))[0], weight_clip=clip))
+            self.measure(CLIP_ROW, lambda: (self.compressed(clip_q()[0], naive_rfc, vc=False,
+                                                                              tau_guess=fp_tau), clip_q()[1]))
+
         rfc_sel = lambda: self.product("rfc_sel", lambda: self.pool(self.recipe.cache, "tap"))  # noqa: E731
-        q = lambda: self.product("rfc_q", lambda: self.quantized(rfc_sel()[0], time_groups=tg))  # noqa: E731
+        q = lambda: self.product("rfc_q", lambda: self.quantized(  # noqa: E731
+            rfc_sel()[0], time_groups=tg, weight_clip=clip))
         self.measure("qcache", lambda: (self.compressed(q()[0], self.recipe.cache, vc="recipe",
                                                         tau_guess=rfc_sel()[1]), q()[1]))
         if self.args.sweep:
@@ -246,7 +260,7 @@ class Ablation:
                 if schedule is None:
                     raise ValueError("the FP model's RFC schedule is missing (the rfc row failed)")
                 sel, _ = self.pool(cache, selector, seed)
-                model, size = self.quantized(sel, observer)
+                model, size = self.quantized(sel, observer, weight_clip=self.args.weight_clip)
                 cm = CompressedModel(model, self.sched, self.recipe.sampling, self.recipe.cache, schedule,
                                      parts=self.parts)
                 with cm.sampler() as s:
@@ -320,6 +334,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="selection seeds per cell of the --sweep grid")
     ap.add_argument("--time-groups", type=int, default=1,
                     help="quant.time_groups of the TAP-calibrated rows (+tap, +tap+vc, qcache)")
+    ap.add_argument("--weight-clip", choices=("none", "search"), default="none",
+                    help="quant.weight_clip of the TAP-calibrated rows and the --sweep grid (int4 weights); with "
+                         "search, the row rfc_instead_of_fora+clip runs it on the naive calibration set")
     ap.add_argument("--latency-samples", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -343,7 +360,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench.run(tmp)
     result = {"recipe": args.recipe, "n": args.n, "nfc": args.nfc, "preset": args.preset,
-              "time_groups": args.time_groups,
+              "time_groups": args.time_groups, "weight_clip": args.weight_clip,
               "latency_samples": args.latency_samples,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "seconds": round(time.perf_counter() - t0, 1), "family": bench.parts.family.name,

@@ -111,7 +111,13 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
                                                                                 batch_size, conditioner),
                                 cfg.observer, cfg.percentile)
     groups = _time_group_ranges(transformer, cfg, calib, act_names, guidance, batch_size, conditioner)
+    grams = _weight_clip_grams(transformer, cfg, plan, calib, guidance, batch_size, conditioner)
     apply_plan(transformer, plan)
+    clip = None
+    if grams is not None:
+        from . import weight_clip
+
+        clip = weight_clip.install(transformer, grams)
     use_exact_cpu_int_mm(transformer)
     decisions = {}
     for name in act_names:
@@ -129,7 +135,7 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
                 m.register_buffer(buf, torch.stack([_scale(r[name][key], ref.dtype, ref.device)
                                                     for r in groups["ranges"]]))
     set_output_quantization(transformer, decisions)
-    freeze(transformer)
+    freeze(transformer)  # the weights are quantized here (with the clip-search optimizer where installed)
     transformer.requires_grad_(False)
     modules = {n: {**s, "quantize_output": decisions.get(n, False)} for n, s in plan.items()}
     transformer.qcache_quant = {
@@ -142,11 +148,34 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
         "modules": modules,
         "ranges": ranges,
     }
+    if clip is not None:  # absent without the search: the quant map stays as it was
+        from . import weight_clip
+
+        transformer.qcache_quant["weight_clip"] = weight_clip.summary(clip)
+        for n in clip:  # the optimizer (and its Gram matrix) is not needed once the weights are frozen
+            transformer.get_submodule(n).optimizer = None
     if groups is not None:  # absent with one group: the quant map stays as it was
         transformer.qcache_quant["time_groups"] = {"groups": cfg.time_groups, "edges": groups["edges"]}
         transformer.qcache_quant["group_ranges"] = groups["ranges"]
         attach(transformer, act_names, groups["edges"])
     return transformer
+
+
+def _weight_clip_grams(transformer: torch.nn.Module, cfg: QuantConfig, plan: dict, calib, guidance,
+                       batch_size: int, conditioner) -> dict[str, torch.Tensor] | None:
+    """With ``cfg.weight_clip == "search"``: the input Gram matrices of the int4 Linear layers over the calibration
+    set (``qcache.quant.weight_clip``); None otherwise."""
+    if cfg.weight_clip != "search":
+        return None
+    from .weight_clip import clip_targets, collect_grams
+
+    targets = clip_targets(transformer, plan)
+    if not targets:
+        raise QcacheError(f"quant.weight_clip: search applies to int4 Linear weights; preset {cfg.preset} (with its "
+                          f"overrides) has none")
+    if calib is None or len(calib) == 0:
+        raise QcacheError("quant.weight_clip: search needs a non-empty calibration set")
+    return collect_grams(targets, lambda: run_calibration(transformer, calib, guidance, batch_size, conditioner))
 
 
 def _scale(r: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
