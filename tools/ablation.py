@@ -237,8 +237,8 @@ class Ablation:
         if clip != "none":  # the weight search alone, on the naive calibration set: what the cache-aware set adds
             clip_q = lambda: self.product("naive_clip_q", lambda: self.quantized(  # noqa: E731
                 self.product("naive_sel", lambda: self.pool(None, "random"))[0], weight_clip=clip))
-            self.measure(CLIP_ROW, lambda: (self.compressed(clip_q()[0], naive_rfc, vc=False,
-                                                                              tau_guess=fp_tau), clip_q()[1]))
+            self.measure(CLIP_ROW, lambda: (self.compressed(clip_q()[0], naive_rfc, vc=False, tau_guess=fp_tau),
+                                            clip_q()[1]))
 
         rfc_sel = lambda: self.product("rfc_sel", lambda: self.pool(self.recipe.cache, "tap"))  # noqa: E731
         q = lambda: self.product("rfc_q", lambda: self.quantized(  # noqa: E731

@@ -15,6 +15,7 @@ from optimum.quanto.nn import quantize_module
 
 from ..errors import QcacheError
 from ..recipe import QuantConfig
+from . import weight_clip
 from .kernels import use_exact_cpu_int_mm
 from .observers import observe_ranges
 from .plan import plan_quantization, round_kept_tensors
@@ -113,11 +114,7 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
     groups = _time_group_ranges(transformer, cfg, calib, act_names, guidance, batch_size, conditioner)
     grams = _weight_clip_grams(transformer, cfg, plan, calib, guidance, batch_size, conditioner)
     apply_plan(transformer, plan)
-    clip = None
-    if grams is not None:
-        from . import weight_clip
-
-        clip = weight_clip.install(transformer, grams)
+    clip = None if grams is None else weight_clip.install(transformer, grams)
     use_exact_cpu_int_mm(transformer)
     decisions = {}
     for name in act_names:
@@ -149,8 +146,6 @@ def quantize_transformer(transformer: torch.nn.Module, cfg: QuantConfig, calib=N
         "ranges": ranges,
     }
     if clip is not None:  # absent without the search: the quant map stays as it was
-        from . import weight_clip
-
         transformer.qcache_quant["weight_clip"] = weight_clip.summary(clip)
         for n in clip:  # the optimizer (and its Gram matrix) is not needed once the weights are frozen
             transformer.get_submodule(n).optimizer = None
@@ -167,15 +162,14 @@ def _weight_clip_grams(transformer: torch.nn.Module, cfg: QuantConfig, plan: dic
     set (``qcache.quant.weight_clip``); None otherwise."""
     if cfg.weight_clip != "search":
         return None
-    from .weight_clip import clip_targets, collect_grams
-
-    targets = clip_targets(transformer, plan)
+    targets = weight_clip.clip_targets(transformer, plan)
     if not targets:
         raise QcacheError(f"quant.weight_clip: search applies to int4 Linear weights; preset {cfg.preset} (with its "
                           f"overrides) has none")
     if calib is None or len(calib) == 0:
         raise QcacheError("quant.weight_clip: search needs a non-empty calibration set")
-    return collect_grams(targets, lambda: run_calibration(transformer, calib, guidance, batch_size, conditioner))
+    return weight_clip.collect_grams(targets, lambda: run_calibration(transformer, calib, guidance, batch_size,
+                                                                      conditioner))
 
 
 def _scale(r: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -20,6 +20,7 @@ usual, so saving and reloading are unchanged and bit-exact.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -114,9 +115,9 @@ class ClipSearchOptimizer(MaxOptimizer):
         if axis != 0 or base.ndim != 2 or base.shape[0] % self.gram.shape[0] or self.gram.shape[1] != base.shape[1]:
             return scale, shift  # not the grouped layout the Gram matrices were collected for
         errs, scales, shifts = clip_errors(base, self.gram, qtype.bits, self.grid)
-        best = errs.argmin(0)
+        least, best = errs.min(0)
         keep = self.grid.index(1.0)
-        best = torch.where(torch.isfinite(errs.min(0).values), best, torch.full_like(best, keep))
+        best = torch.where(torch.isfinite(least), best, torch.full_like(best, keep))
         rows = torch.arange(base.shape[0])
         new_scale = scales[best, rows].to(base.dtype)
         new_shift = shifts[best, rows].to(base.dtype)
@@ -145,7 +146,7 @@ def collect_grams(targets: dict[str, torch.nn.Module], run: Callable[[], None]) 
         states = [s for s in _EXCHANGE[-1](grams or None) if s is not None]
         if not states:
             raise ValueError("calibration: no process observed any calibration row")
-        grams = {n: sum(s[n] for s in states[1:]) + states[0][n] for n in states[0]}
+        grams = {n: functools.reduce(torch.add, (s[n] for s in states)) for n in states[0]}  # rank 0 + 1 + ...
     missing = sorted(set(targets) - set(grams))
     if missing:
         raise ValueError(f"quant.weight_clip: the calibration pass never reached {missing[0]!r}")
